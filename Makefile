@@ -1,0 +1,31 @@
+# `make test` and `make demo` set everything up themselves: a local virtual environment in .venv,
+# the CPU build of torch pinned below, the package in editable mode.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q Testing
+
+lint: venv
+	$(VENV)/bin/ruff check MemorizingSAMLib Testing benchmarks
+	$(VENV)/bin/ruff format --check MemorizingSAMLib Testing benchmarks
+
+bench: venv
+	$(PY) benchmarks/bench_models.py --json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,108 @@
+"""3D ViT image encoder covering SAM-Med3D (ViT-B), FastSAM3D and our own configs.
+
+Input (B, 1, S, S, S) in model space (tensor axes x=R, y=A, z=S for the published models); tokens are kept
+channel-last (B, G, G, G, C) with G = S / patch, token (a, b, c) covering voxels [16a, 16a+16) x ... along
+tensor dims 2, 3, 4. Output (B, out_chans, G, G, G).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention3D
+from .config import EncoderConfig
+from .ops import LayerNorm3d, MLPBlock, conv_stride_eq_kernel, patchify
+
+
+class PatchEmbed3D(nn.Module):
+    """Conv3d(in_chans -> embed_dim, kernel = stride = patch), key ``patch_embed.proj``; output channel-last."""
+
+    def __init__(self, patch: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight.reshape(self.proj.out_channels, -1)
+        return F.linear(patchify(x, self.proj.kernel_size[0]), w, self.proj.bias)
+
+
+class Block3D(nn.Module):
+    """One transformer block; the variant decides where the norms sit (see config.BLOCK_VARIANTS)."""
+
+    def __init__(self, cfg: EncoderConfig, index: int) -> None:
+        super().__init__()
+        self.variant = cfg.block_variant
+        self.attention_free = index < cfg.attention_free_blocks
+        dim = cfg.embed_dim
+        if not self.attention_free:
+            windowed = cfg.is_windowed(index)
+            self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+            self.attn = Attention3D(
+                dim,
+                cfg.num_heads,
+                qkv_bias=cfg.qkv_bias,
+                use_rel_pos=cfg.use_rel_pos,
+                rel_pos_size=cfg.window_size if windowed else cfg.grid,
+                window_size=cfg.window_size if windowed else 0,
+                backend=cfg.attention_backend,
+                sparse_group=cfg.sparse_group,
+                sparse_dilated=index % 2 == 1,
+            )
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention_free:
+            z = self.norm2(x)
+            return z + self.mlp(z)
+        if self.variant == "pre_norm":
+            y = x + self.attn(self.norm1(x))
+            return y + self.mlp(self.norm2(y))
+        z = self.norm2(x + self.attn(self.norm1(x)))
+        return z + self.mlp(z)
+
+
+class ImageEncoder3D(nn.Module):
+    """Patch embedding + position embedding, ``depth`` blocks, and the neck (1x1 conv, LN3d, 3x3 conv, LN3d)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        g = cfg.grid
+        self.patch_embed = PatchEmbed3D(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, g, g, g, cfg.embed_dim))
+        self.blocks = nn.ModuleList(Block3D(cfg, i) for i in range(cfg.depth))
+        self.neck = nn.ModuleList(
+            [
+                nn.Conv3d(cfg.embed_dim, cfg.out_chans, kernel_size=1, bias=False),
+                LayerNorm3d(cfg.out_chans),
+                nn.Conv3d(cfg.out_chans, cfg.out_chans, kernel_size=3, padding=1, bias=False),
+                LayerNorm3d(cfg.out_chans),
+            ]
+        )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S, S) -> tokens (B, G, G, G, C) after patch and position embedding."""
+        return self.patch_embed(x) + self.pos_embed
+
+    def apply_neck(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Channel-last tokens (B, G, G, G, C) -> image embedding (B, out_chans, G, G, G)."""
+        conv1, ln1, conv3, ln2 = self.neck
+        y = ln1.forward_channels_last(conv_stride_eq_kernel(tokens, conv1))
+        y = F.conv3d(y.permute(0, 4, 1, 2, 3), conv3.weight, None, padding=1)
+        return ln2(y)
+
+    def forward(self, x: torch.Tensor, return_block_outputs: bool = False):
+        """Image embedding (B, out_chans, G, G, G); with ``return_block_outputs`` also the list of every block's
+        channel-last output (B, G, G, G, C), which distillation and the compat checks use."""
+        t = self.embed(x)
+        outs = []
+        for blk in self.blocks:
+            t = blk(t)
+            if return_block_outputs:
+                outs.append(t)
+        emb = self.apply_neck(t)
+        return (emb, outs) if return_block_outputs else emb

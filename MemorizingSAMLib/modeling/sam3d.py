@@ -1,0 +1,65 @@
+"""The composed interactive model: encoder once per crop, prompt encoder + mask decoder per click."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Sam3DConfig, get_config
+from .image_encoder import ImageEncoder3D
+from .mask_decoder import MaskDecoder3D
+from .prompt_encoder import PromptEncoder3D
+
+
+class Sam3D(nn.Module):
+    """SAM-style 3D model. Keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*`` as upstream."""
+
+    def __init__(self, cfg: Sam3DConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder3D(cfg.encoder)
+        self.prompt_encoder = PromptEncoder3D(cfg.prompt_encoder)
+        self.mask_decoder = MaskDecoder3D(cfg.mask_decoder)
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the low-res logit grid (32 for the published models)."""
+        return 4 * self.cfg.encoder.grid
+
+    def encode(self, volume: torch.Tensor) -> torch.Tensor:
+        """Normalised model-space crop (B, 1, S, S, S) -> image embedding (B, C, G, G, G)."""
+        return self.image_encoder(volume)
+
+    def decode(
+        self,
+        image_embedding: torch.Tensor,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt step.
+
+        Args:
+            image_embedding: (B, C, G, G, G) from :meth:`encode`.
+            points: (B, N, 3) crop voxel coordinates in tensor-dim order (x, y, z); labels (B, N) 1/0/-1.
+            mask_input: (B, 1, 4G, 4G, 4G) previous low-res logits (raw), or None.
+            boxes: (B, 2, 3) corners, only for models with box embeddings.
+        Returns:
+            low-res logits (B, M, 4G, 4G, 4G) and IoU predictions (B, M); M = 1, or 3 with ``multimask_output``.
+        """
+        pts = None if points is None else (points, labels)
+        sparse, dense = self.prompt_encoder(pts, boxes, mask_input)
+        return self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+
+    def count_parameters(self) -> int:
+        """Trainable parameters (the Gaussian PE matrix is a buffer and is not counted)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_sam3d(config: str | Sam3DConfig) -> Sam3D:
+    """Build an uninitialised model from a config or a config name (see config.CONFIGS)."""
+    cfg = get_config(config) if isinstance(config, str) else config
+    return Sam3D(cfg)
