@@ -20,7 +20,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,7 @@ def _torch_load(path: Path) -> Any:
             f"{path}: refused to unpickle {what}; only tensors, plain containers, argparse.Namespace and numpy "
             "scalars are allowed in a checkpoint (the file may be unsafe, or not a model checkpoint)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # zip, legacy-format and stream errors all mean the same to a user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first}") from None
 
@@ -305,16 +304,23 @@ def load_model(
     """
     loaded = read_checkpoint(path)
     sd = loaded.state_dict
+    want = None
+    if config is not None:
+        want = config
+        if isinstance(config, str):
+            if config not in CONFIGS:
+                raise CheckpointError(f"unknown model config {config!r}; known: {', '.join(sorted(CONFIGS))}")
+            want = CONFIGS[config]()
     arch = None
-    if loaded.config is not None:
-        cfg = loaded.config
-    else:
+    cfg = loaded.config
+    if cfg is None:
         try:
             arch = detect_architecture(sd)
         except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        cfg = arch.config
-        if arch.encoder_only:
+            if want is None:
+                raise CheckpointError(f"{path}: {e}") from None
+            # With an explicit config the strict key/shape check below gives the more useful message.
+        if arch is not None and arch.encoder_only:
             if decoder_checkpoint is None:
                 raise CheckpointError(
                     f"{path}: holds only an image encoder ({arch.describe()}); pass a full-model checkpoint for "
@@ -326,15 +332,12 @@ def load_model(
                 raise CheckpointError(f"{decoder_checkpoint}: has no prompt_encoder/mask_decoder weights")
             sd = {**{"image_encoder." + k: v for k, v in sd.items()}, **parts}
             arch = detect_architecture(sd)
-            cfg = arch.config
-    if config is not None:
-        want = CONFIGS[config]() if isinstance(config, str) and config in CONFIGS else config
-        if isinstance(want, str):
-            raise CheckpointError(f"unknown model config {want!r}; known: {', '.join(sorted(CONFIGS))}")
-        if want.encoder != cfg.encoder or want.mask_decoder != cfg.mask_decoder:
+        cfg = arch.config if arch is not None else None
+    if want is not None:
+        if cfg is not None and (want.encoder != cfg.encoder or want.mask_decoder != cfg.mask_decoder):
             found = arch.describe() if arch else f"{cfg.name} (config stored in the file)"
             raise CheckpointError(f"{path}: expected a {want.name} checkpoint, but the file looks like {found}")
-        cfg = replace(want)
+        cfg = want
     with torch.device("meta"):
         model = Sam3D(cfg)
     _check_against(model.state_dict(), sd, f"{cfg.name}" + (f" [{arch.describe()}]" if arch else ""))

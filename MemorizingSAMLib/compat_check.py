@@ -89,7 +89,12 @@ def run_scenarios(model: Sam3D, npz_path: Path) -> dict[str, np.ndarray]:
 
     lr = model.low_res_size
     zeros = torch.zeros(1, 1, lr, lr, lr, dtype=dtype, device=device)
-    scenarios = {"S1": ("p1", None, False), "S2": ("p2", "S1", False), "S3": ("p12", "S1", False), "S4": ("p1", None, True)}
+    scenarios = {
+        "S1": ("p1", None, False),
+        "S2": ("p2", "S1", False),
+        "S3": ("p12", "S1", False),
+        "S4": ("p1", None, True),
+    }
     for sid, (pname, mask_from, mm) in scenarios.items():
         mask = zeros if mask_from is None else torch.from_numpy(out[f"{mask_from}_lowres"]).to(device, dtype)
         sparse, dense = model.prompt_encoder(prompts(pname), None, mask)

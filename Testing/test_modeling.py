@@ -1,0 +1,102 @@
+"""Model structure: parameter counts, fast-path ops against torch's modules, the sparse backend, configs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from MemorizingSAMLib.modeling import EncoderConfig, build_sam3d, get_config
+from MemorizingSAMLib.modeling.ops import conv_stride_eq_kernel, conv_transpose_k2s2, patchify
+from MemorizingSAMLib.modeling.sparse_attention import grouped_attention
+
+
+@pytest.mark.parametrize("name,count", [("sam_med3d_vit_b", 100_509_232), ("fastsam3d", 53_224_240)])
+def test_published_parameter_counts(name, count):
+    with torch.device("meta"):
+        assert build_sam3d(name).count_parameters() == count
+
+
+def test_conv_transpose_k2s2_equals_module():
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose3d(6, 5, kernel_size=2, stride=2).double()
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
+    ref = conv(x).permute(0, 2, 3, 4, 1)
+    ours = conv_transpose_k2s2(x.permute(0, 2, 3, 4, 1), conv)
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_conv_stride_eq_kernel_equals_module(k):
+    torch.manual_seed(1)
+    conv = nn.Conv3d(3, 7, kernel_size=k, stride=k).double()
+    x = torch.randn(2, 3, 4, 6, 8, dtype=torch.float64)
+    ref = conv(x).permute(0, 2, 3, 4, 1)
+    assert torch.allclose(conv_stride_eq_kernel(x.permute(0, 2, 3, 4, 1), conv), ref, atol=1e-12)
+
+
+def test_patch_embedding_equals_conv():
+    torch.manual_seed(2)
+    conv = nn.Conv3d(1, 4, kernel_size=4, stride=4).double()
+    x = torch.randn(1, 1, 8, 12, 16, dtype=torch.float64)
+    ref = conv(x).permute(0, 2, 3, 4, 1)
+    ours = F.linear(patchify(x, 4), conv.weight.reshape(4, -1), conv.bias)
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+def test_grouped_attention_equals_masked_dense(dilated):
+    torch.manual_seed(3)
+    g, group, hd = 4, 2, 8
+    q, k, v = (torch.randn(1, 2, g**3, hd, dtype=torch.float64) for _ in range(3))
+    idx = torch.arange(g)
+    a, b, c = (t.reshape(-1) for t in torch.meshgrid(idx, idx, idx, indexing="ij"))
+    m = g // group
+    if dilated:
+        gid = (a % m) * m * m + (b % m) * m + (c % m)
+    else:
+        gid = (a // group) * m * m + (b // group) * m + (c // group)
+    allowed = gid[:, None] == gid[None, :]
+    assert allowed.sum(1).eq(group**3).all()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    ours = grouped_attention(q, k, v, g, group, dilated, hd**-0.5)
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+def test_sparse_backend_runs_and_refuses_rel_pos():
+    m = build_sam3d("memsam_tiny_sparse").eval()
+    with torch.no_grad():
+        emb = m.encode(torch.randn(1, 1, 128, 128, 128))
+    assert emb.shape == (1, 192, 8, 8, 8) and torch.isfinite(emb).all()
+    with pytest.raises(ValueError, match="rel_pos"):
+        EncoderConfig(attention_backend="grouped", window_size=0, global_attn_indexes=()).validate()
+
+
+def test_published_models_have_no_box_embeddings():
+    with torch.device("meta"):
+        m = build_sam3d("fastsam3d")
+    with pytest.raises(ValueError, match="no box embeddings"):
+        m.prompt_encoder.embed_boxes(torch.zeros(1, 2, 3, device="meta"))
+
+
+def test_unknown_config_name_lists_known():
+    with pytest.raises(ValueError, match="known: .*fastsam3d"):
+        get_config("vit_h")
+
+
+def test_config_dict_roundtrip():
+    for name in ("sam_med3d_vit_b", "fastsam3d", "memsam_tiny_sparse"):
+        cfg = get_config(name)
+        assert type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+def test_multimask_selects_masks_one_to_three():
+    torch.manual_seed(4)
+    m = build_sam3d("memsam_tiny_student").eval()
+    emb = torch.randn(1, 192, 8, 8, 8)
+    pts, lab = torch.tensor([[[10, 20, 30]]]), torch.tensor([[1]])
+    with torch.no_grad():
+        single, iou1 = m.decode(emb, pts, lab)
+        multi, iou3 = m.decode(emb, pts, lab, multimask_output=True)
+    assert single.shape == (1, 1, 32, 32, 32) and multi.shape == (1, 3, 32, 32, 32)
+    assert not torch.allclose(single[:, 0], multi[:, 0])
+    assert iou3.shape == (1, 3)
