@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_linear import linear
 from .relpos import padded_key_logmass, real_key_bias, rel_pos_factors
 from .sparse_attention import grouped_attention
 
@@ -58,7 +59,9 @@ class Attention3D(nn.Module):
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, G, G, G, C) -> q, k, v each (B, heads, G^3, head_dim)."""
         b, n = x.shape[0], x.shape[1] * x.shape[2] * x.shape[3]
-        qkv = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, self.num_heads, self.head_dim)
+        qkv = linear(x.reshape(b, n, -1), self.qkv, self.qkv.weight, self.qkv.bias).view(
+            b, n, 3, self.num_heads, self.head_dim
+        )
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def attention_logits_extra(
@@ -95,7 +98,7 @@ class Attention3D(nn.Module):
         q, k, v = self.qkv_heads(x)
         out = self.attend(q, k, v, g)
         out = out.transpose(1, 2).reshape(b, g, g, g, -1)
-        return self.proj(out)
+        return linear(out, self.proj, self.proj.weight, self.proj.bias)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: int) -> torch.Tensor:
         """Attention core: q, k, v (B, h, N, hd) -> (B, h, N, hd)."""

@@ -14,6 +14,7 @@ from torch import nn
 from .attention import Attention3D
 from .config import EncoderConfig
 from .ops import LayerNorm3d, MLPBlock, conv_stride_eq_kernel, patchify
+from .packed_linear import linear, pack_weight
 
 
 class PatchEmbed3D(nn.Module):
@@ -24,8 +25,8 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight.reshape(self.proj.out_channels, -1)
-        return F.linear(patchify(x, self.proj.kernel_size[0]), w, self.proj.bias)
+        p = self.proj
+        return linear(patchify(x, p.kernel_size[0]), p, lambda: p.weight.reshape(p.out_channels, -1), p.bias)
 
 
 class Block3D(nn.Module):
@@ -53,15 +54,19 @@ class Block3D(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
 
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin1, lin2 = self.mlp.lin1, self.mlp.lin2
+        return linear(linear(x, lin1, lin1.weight, lin1.bias, gelu=True), lin2, lin2.weight, lin2.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.attention_free:
             z = self.norm2(x)
-            return z + self.mlp(z)
+            return z + self.mlp_forward(z)
         if self.variant == "pre_norm":
             y = x + self.attn(self.norm1(x))
-            return y + self.mlp(self.norm2(y))
+            return y + self.mlp_forward(self.norm2(y))
         z = self.norm2(x + self.attn(self.norm1(x)))
-        return z + self.mlp(z)
+        return z + self.mlp_forward(z)
 
 
 class ImageEncoder3D(nn.Module):
@@ -84,6 +89,14 @@ class ImageEncoder3D(nn.Module):
             ]
         )
 
+    def pack_for_inference(self) -> int:
+        """Prepack the large matrix products for CPU inference (see packed_linear); returns how many."""
+        n = int(pack_weight(self.patch_embed.proj, self.patch_embed.proj.weight.reshape(self.cfg.embed_dim, -1)))
+        for blk in self.blocks:
+            lins = [blk.mlp.lin1, blk.mlp.lin2] + ([] if blk.attention_free else [blk.attn.qkv, blk.attn.proj])
+            n += sum(pack_weight(lin, lin.weight) for lin in lins)
+        return n
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S, S) -> tokens (B, G, G, G, C) after patch and position embedding."""
         return self.patch_embed(x) + self.pos_embed
@@ -93,7 +106,8 @@ class ImageEncoder3D(nn.Module):
         conv1, ln1, conv3, ln2 = self.neck
         y = ln1.forward_channels_last(conv_stride_eq_kernel(tokens, conv1))
         y = F.conv3d(y.permute(0, 4, 1, 2, 3), conv3.weight, None, padding=1)
-        return ln2(y)
+        # Contiguous NCDHW once here, so every decoder call adds dense prompts to it at full speed.
+        return ln2(y).contiguous()
 
     def forward(self, x: torch.Tensor, return_block_outputs: bool = False):
         """Image embedding (B, out_chans, G, G, G); with ``return_block_outputs`` also the list of every block's

@@ -2,7 +2,7 @@
 
 Token order [iou_token, mask_tokens 0..3, sparse prompt tokens]; ``multimask_output=False`` returns mask 0,
 ``True`` masks 1..3, with no best-IoU selection (SPEC.md section 7e). Only the hypernetworks of the returned masks
-are evaluated, and the upscaling runs channel-last as matrix products.
+are evaluated; the upscaling runs as matrix products (see upscale_to_masks).
 """
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ import torch
 from torch import nn
 
 from .config import MaskDecoderConfig
-from .ops import MLP, LayerNorm3d, conv_transpose_k2s2
+from .ops import MLP, LayerNorm3d
+from .packed_linear import linear, pack_linears, pack_weight
 from .transformer import TwoWayTransformer
+
+
+def _as_linear_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """(Cin, Cout, 2, 2, 2) transposed-conv kernel -> (8 * Cout, Cin) linear weight, output order (i, j, k, Cout)."""
+    return conv.weight.permute(2, 3, 4, 1, 0).reshape(-1, conv.in_channels)
 
 
 class MaskDecoder3D(nn.Module):
@@ -36,12 +42,41 @@ class MaskDecoder3D(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(c, c, c // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
 
-    def upscale(self, image_tokens: torch.Tensor, g: int) -> torch.Tensor:
-        """(B, G^3, C) -> channel-last (B, 4G, 4G, 4G, C/8)."""
-        up1, ln, act1, up2, act2 = self.output_upscaling
-        x = image_tokens.reshape(image_tokens.shape[0], g, g, g, -1)
-        x = act1(ln.forward_channels_last(conv_transpose_k2s2(x, up1)))
-        return act2(conv_transpose_k2s2(x, up2))
+    def upscale_to_masks(self, image_tokens: torch.Tensor, hyper: torch.Tensor, g: int) -> torch.Tensor:
+        """Upscale (B, G^3, C) image tokens twice (ConvTranspose k2 s2, LN3d, GELU, ConvTranspose k2 s2, GELU) and
+        contract with the hypernetwork outputs (B, M, C/8) -> low-res logits (B, M, 4G, 4G, 4G).
+
+        Both transposed convolutions act voxel by voxel, so the sub-voxel order does not matter until the end:
+        rows stay ordered (voxel, sub-voxel 1, sub-voxel 2) and only the final (B, M, 64 G^3) logits are permuted
+        into place, instead of the 48-channel feature map.
+        """
+        up1, ln, act1, up2, _ = self.output_upscaling
+        b, c = image_tokens.shape[0], image_tokens.shape[-1]
+        c4, c8 = up1.out_channels, up2.out_channels
+        x = linear(image_tokens.reshape(-1, c), up1, lambda: _as_linear_weight(up1), up1.bias.repeat(8)).view(-1, c4)
+        x = act1(ln.forward_channels_last(x))
+        # The GELU after the second transposed convolution is fused into the product on the packed path.
+        y = linear(x, up2, lambda: _as_linear_weight(up2), up2.bias.repeat(8), gelu=True).view(b, -1, c8)
+        m = hyper.shape[1]
+        masks = torch.bmm(hyper, y.transpose(1, 2))  # (B, M, G^3 * 64), rows (d, h, w, i1, j1, k1, i2, j2, k2)
+        return torch.take(masks, self._scatter_index(b, m, g, masks.device)).view(b, m, 4 * g, 4 * g, 4 * g)
+
+    def _scatter_index(self, b: int, m: int, g: int, device: torch.device) -> torch.Tensor:
+        """Flat gather index putting (d, h, w, i1, j1, k1, i2, j2, k2) rows at (4d + 2 i1 + i2, ...): one gather
+        instead of a 10-D permute (measured 39 vs 409 us). Cached on the module per (b, m, g, device)."""
+        key = (b, m, g, str(device))
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if key not in cache:
+            n = b * m * 64 * g**3
+            src = torch.arange(n, device=device).view(b, m, g, g, g, 2, 2, 2, 2, 2, 2)
+            cache[key] = src.permute(0, 1, 2, 5, 8, 3, 6, 9, 4, 7, 10).reshape(-1).contiguous()
+        return cache[key]
+
+    def pack_for_inference(self) -> int:
+        """Prepack the upscaling products and every token-side linear layer (see packed_linear)."""
+        up1, _, _, up2, _ = self.output_upscaling
+        n = int(pack_weight(up1, _as_linear_weight(up1), 512)) + int(pack_weight(up2, _as_linear_weight(up2), 4096))
+        return n + pack_linears(self, batch_hint=8)
 
     def forward(
         self,
@@ -62,8 +97,7 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos, tokens)
         selected = range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
         hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in selected], dim=1)
-        up = self.upscale(src, g)  # (B, 4G, 4G, 4G, C/8)
-        masks = torch.einsum("bdhwc,bmc->bmdhw", up, hyper)
+        masks = self.upscale_to_masks(src, hyper, g)
         iou = self.iou_prediction_head(hs[:, 0])
         iou = iou[:, 1:] if multimask_output else iou[:, 0:1]
         return masks, iou

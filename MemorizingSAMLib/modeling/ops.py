@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_linear import Linear
+
 
 def patchify(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, C, D, H, W) -> (B, D/k, H/k, W/k, C*k^3), patch entries ordered (c, kd, kh, kw) like Conv3d weights."""
@@ -79,8 +81,8 @@ class MLPBlock(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(dim, hidden)
-        self.lin2 = nn.Linear(hidden, dim)
+        self.lin1 = Linear(dim, hidden)
+        self.lin2 = Linear(hidden, dim)
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):

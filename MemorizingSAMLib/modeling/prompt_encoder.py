@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import PromptEncoderConfig
-from .ops import LayerNorm3d, conv_stride_eq_kernel
+from .ops import LayerNorm3d
 
 # Point-embedding slots: 0 exclude click, 1 include click, 2/3 box min/max corner (only in models with 4 slots).
 BOX_CORNER_SLOTS = (2, 3)
@@ -111,12 +111,11 @@ class PromptEncoder3D(nn.Module):
 
     def embed_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """(B, 1, 4G, 4G, 4G) mask logits -> (B, C, G, G, G)."""
-        conv1, ln1, act1, conv2, ln2, act2, conv3 = self.mask_downscaling
-        x = masks.permute(0, 2, 3, 4, 1)
-        x = act1(ln1.forward_channels_last(conv_stride_eq_kernel(x, conv1)))
-        x = act2(ln2.forward_channels_last(conv_stride_eq_kernel(x, conv2)))
-        x = conv_stride_eq_kernel(x, conv3)
-        return x.permute(0, 4, 1, 2, 3)
+        # Few channels: the convolution kernels beat patch-gathering here (measured 59 vs 476 us for the first).
+        x = masks
+        for layer in self.mask_downscaling:
+            x = layer(x)
+        return x
 
     def forward(
         self,

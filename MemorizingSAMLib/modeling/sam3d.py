@@ -54,6 +54,16 @@ class Sam3D(nn.Module):
         sparse, dense = self.prompt_encoder(pts, boxes, mask_input)
         return self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
 
+    def prepare_for_inference(self) -> Sam3D:
+        """Eval mode plus prepacked CPU weights for the encoder's large products (a no-op on CUDA / float64).
+
+        The packed copies are an explicit per-module cache, ignored whenever the weights change or autograd is on.
+        """
+        self.eval()
+        self.image_encoder.pack_for_inference()
+        self.mask_decoder.pack_for_inference()
+        return self
+
     def count_parameters(self) -> int:
         """Trainable parameters (the Gaussian PE matrix is a buffer and is not counted)."""
         return sum(p.numel() for p in self.parameters())

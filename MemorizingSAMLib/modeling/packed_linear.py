@@ -1,0 +1,95 @@
+"""Prepacked oneDNN weights for the large matrix products of CPU inference.
+
+On CPU, ``F.linear`` hands the transposed weight to the BLAS every call; oneDNN with a weight reordered once
+into its blocked layout runs the same product 15-30 % faster here (measured on the 2-core AVX-512 machine:
+~150-185 -> ~200-215 GFLOP/s for the 512 x 768 x 3072 MLP product) and fuses the exact GELU.
+
+The packed weight is an explicit cache held by the module that owns the weight (attribute ``_memsam_packed``),
+created by :func:`pack_linears` (``Sam3D.prepare_for_inference``), and used only when it is still valid:
+no autograd, a CPU input of the packed dtype, and the weight unchanged since packing (its version counter).
+Anything else takes the plain ``F.linear`` path, so training, float64 and CUDA are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ATTR = "_memsam_packed"
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@dataclass
+class PackedWeight:
+    packed: torch.Tensor
+    dtype: torch.dtype
+    version: int
+    data_ptr: int
+
+
+def _valid(pack: PackedWeight | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        pack is not None
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == pack.dtype
+        and weight._version == pack.version
+        and weight.data_ptr() == pack.data_ptr
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    owner: nn.Module,
+    weight2d: torch.Tensor | Callable[[], torch.Tensor],
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """``F.linear(x, weight2d, bias)`` (then exact GELU if ``gelu``), through the owner's packed weight if valid.
+
+    ``weight2d`` is (out, in), or a function giving it when it must be derived (a convolution kernel reshaped):
+    it is then only computed on the unpacked path. The version check uses the owner's own weight parameter.
+    """
+    pack = getattr(owner, _ATTR, None)
+    if _valid(pack, x, owner.weight):
+        return torch.ops.mkldnn._linear_pointwise(x, pack.packed, bias, "gelu" if gelu else "none", [], "none")
+    y = F.linear(x, weight2d() if callable(weight2d) else weight2d, bias)
+    return F.gelu(y) if gelu else y
+
+
+def pack_weight(owner: nn.Module, weight2d: torch.Tensor, batch_hint: int = 512) -> bool:
+    """Pack ``weight2d`` (out, in) of ``owner`` for oneDNN; False (nothing cached) where oneDNN cannot."""
+    w = owner.weight
+    if not _onednn_available() or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        setattr(owner, _ATTR, None)
+        return False
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight2d.detach().contiguous(), batch_hint)
+    setattr(owner, _ATTR, PackedWeight(packed, w.dtype, w._version, w.data_ptr()))
+    return True
+
+
+def unpack(module: nn.Module) -> None:
+    """Drop every packed weight below ``module`` (frees the memory)."""
+    for m in module.modules():
+        if hasattr(m, _ATTR):
+            setattr(m, _ATTR, None)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) whose forward takes the packed path when one is cached."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self, self.weight, self.bias)
+
+
+def pack_linears(module: nn.Module, batch_hint: int) -> int:
+    """Pack every :class:`Linear` below ``module`` for inputs of about ``batch_hint`` rows; returns how many."""
+    return sum(pack_weight(m, m.weight, batch_hint) for m in module.modules() if isinstance(m, Linear))

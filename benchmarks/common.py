@@ -1,0 +1,64 @@
+"""Helpers shared by the benchmark scripts: thread setup, timing, recipe-weight models."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+COMPAT_DIR = Path(__file__).resolve().parent.parent / "Testing" / "Data" / "compat"
+
+
+def setup_threads() -> int:
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time in seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def recipe_model(config_name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A published-architecture model with the deterministic fixture weights (salt 'a'): realistic activations."""
+    from MemorizingSAMLib.compat_recipe import recipe_state_dict
+    from MemorizingSAMLib.modeling import build_sam3d
+    from MemorizingSAMLib.modeling.sam3d import Sam3D
+
+    with torch.device("meta"):
+        model: Sam3D = build_sam3d(config_name)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sd = {k: torch.from_numpy(v).to(dtype) for k, v in recipe_state_dict(shapes, "a").items()}
+    model.load_state_dict(sd, assign=True)
+    return model.to(device).eval().prepare_for_inference()
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:32s} {v}")
