@@ -100,3 +100,32 @@ def test_multimask_selects_masks_one_to_three():
     assert single.shape == (1, 1, 32, 32, 32) and multi.shape == (1, 3, 32, 32, 32)
     assert not torch.allclose(single[:, 0], multi[:, 0])
     assert iou3.shape == (1, 3)
+
+
+def test_packed_inference_matches_plain_and_follows_weight_changes():
+    torch.manual_seed(5)
+    m = build_sam3d("memsam_tiny_student").eval()
+    x = torch.randn(1, 1, 128, 128, 128)
+    pts, lab = torch.tensor([[[60, 61, 62]]]), torch.tensor([[1]])
+    with torch.inference_mode():
+        emb = m.encode(x)
+        low, _ = m.decode(emb, pts, lab)
+    m.prepare_for_inference()
+    with torch.inference_mode():
+        emb_p = m.encode(x)
+        low_p, _ = m.decode(emb_p, pts, lab)
+    assert (emb - emb_p).abs().max() < 1e-4 and (low - low_p).abs().max() < 1e-4
+    # An in-place weight change after packing must not be ignored by a stale packed copy.
+    with torch.no_grad():
+        m.image_encoder.blocks[0].mlp.lin1.weight.mul_(2)
+        m.mask_decoder.output_upscaling[3].weight.mul_(2)
+    with torch.inference_mode():
+        emb2 = m.encode(x)
+        low2, _ = m.decode(emb2, pts, lab)
+    m2 = build_sam3d("memsam_tiny_student").eval()
+    m2.load_state_dict(m.state_dict())
+    with torch.inference_mode():
+        emb_ref = m2.encode(x)
+        low_ref, _ = m2.decode(emb_ref, pts, lab)
+    assert (emb2 - emb_ref).abs().max() < 1e-4 and (low2 - low_ref).abs().max() < 1e-4
+    assert (emb2 - emb).abs().max() > 1e-3

@@ -31,14 +31,14 @@ def bench(config: str, dtype: torch.dtype, repeats: int, device: str) -> dict:
         prev = torch.zeros(1, 1, 32, 32, 32, device=device, dtype=dtype)
         low, _ = model.decode(emb, pts, lab, prev)
         # A refinement click: previous logits as the mask prompt, as every click after the first.
-        dec_s, _ = median_time(lambda: model.decode(emb, pts, lab, low), max(repeats, 20), warmup=3)
+        dec_s, _ = median_time(lambda: model.decode(emb, pts, lab, low), max(repeats, 60), warmup=5)
     return {"encoder_s": enc_s, "decoder_ms": dec_s * 1e3, "low": low.float()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     setup_threads()

@@ -21,12 +21,21 @@ def setup_threads() -> int:
     return n
 
 
+def calibration_gflops() -> float:
+    """fp32 GEMM throughput right now (512x768 @ 768x3072, median of 20): shared machines vary by 2x over
+    minutes, so every benchmark records it next to its figures."""
+    a, b = torch.randn(512, 768), torch.randn(3072, 768)
+    t, _ = median_time(lambda: torch.nn.functional.linear(a, b), repeats=20, warmup=3)
+    return round(2 * 512 * 768 * 3072 / t / 1e9, 1)
+
+
 def machine_info() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "calibration_gemm_gflops": calibration_gflops(),
     }
 
 
