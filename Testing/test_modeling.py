@@ -129,3 +129,16 @@ def test_packed_inference_matches_plain_and_follows_weight_changes():
         low_ref, _ = m2.decode(emb_ref, pts, lab)
     assert (emb2 - emb_ref).abs().max() < 1e-4 and (low2 - low_ref).abs().max() < 1e-4
     assert (emb2 - emb).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tokens", [3, 30])
+def test_absorbed_cross_attention_equals_literal(tokens):
+    from MemorizingSAMLib.modeling.transformer import DecoderAttention
+
+    torch.manual_seed(6)
+    att = DecoderAttention(48, 4, downsample_rate=2).double()
+    tok = torch.randn(2, tokens, 48, dtype=torch.float64)
+    img = torch.randn(2, 64, 48, dtype=torch.float64)
+    img2 = torch.randn(2, 64, 48, dtype=torch.float64)
+    assert torch.allclose(att.tokens_to_image(tok, img, img2), att(tok, img, img2), atol=1e-12)
+    assert torch.allclose(att.image_to_tokens(img, tok, tok * 2), att(img, tok, tok * 2), atol=1e-12)

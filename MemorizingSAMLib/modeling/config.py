@@ -110,8 +110,11 @@ class Sam3DConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
-    # Model space: isotropic voxel spacing of the crop in mm.
+    # Model space: isotropic voxel spacing of the crop in mm, intensity normalisation of the crop, and the raw
+    # intensity given to crop voxels outside the image (upstream: z-score over voxels > 0, padding 0).
     spacing_mm: float = 1.5
+    normalization: str = "zscore_positive"
+    pad_value: float = 0.0
     # Memory attention (Memorizing SAM): the encoder block that may attend over a memory bank; -1 = none.
     memory_layer: int = -1
 

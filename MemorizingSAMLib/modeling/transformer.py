@@ -42,6 +42,11 @@ class DecoderAttention(nn.Module):
     # so no (N x C) @ (C x C/2) projection of the image tokens is needed; the cost drops from ~4 N C^2/2 to
     # ~4 h T N C multiply-adds per attention. Same arithmetic, different association (rounding-level changes only).
 
+    def _absorb(self, num_tokens: int) -> bool:
+        """The absorbed form costs ~2 h T N C multiply-adds, the literal one ~2 N C C_inner: absorb while
+        h T < C_inner (T < 24 prompt tokens for the published decoder)."""
+        return self.num_heads * num_tokens < self.q_proj.out_features
+
     def _head_weight(self, lin: nn.Linear) -> torch.Tensor:
         """(inner, C) weight -> (h, d, C)."""
         return lin.weight.view(self.num_heads, -1, lin.weight.shape[1])
@@ -50,6 +55,8 @@ class DecoderAttention(nn.Module):
         """Same as ``forward(q_tok, k_img, v_img)`` for few queries (B, T, C) and many keys (B, N, C)."""
         b, t, _ = q_tok.shape
         h = self.num_heads
+        if not self._absorb(t):
+            return self.forward(q_tok, k_img, v_img)
         q = self._heads(self.q_proj(q_tok))  # (B, h, T, d)
         d = q.shape[-1]
         a = torch.matmul(q, self._head_weight(self.k_proj))  # (B, h, T, C)
@@ -66,6 +73,8 @@ class DecoderAttention(nn.Module):
         b, n, c = q_img.shape
         t = k_tok.shape[1]
         h = self.num_heads
+        if not self._absorb(t):
+            return self.forward(q_img, k_tok, v_tok)
         k = self._heads(self.k_proj(k_tok))  # (B, h, T, d)
         v = self._heads(self.v_proj(v_tok))
         d = k.shape[-1]

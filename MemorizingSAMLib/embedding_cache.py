@@ -1,0 +1,47 @@
+"""LRU cache of image embeddings, bounded in bytes: an explicit object a session owns or several share."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import torch
+
+
+class EmbeddingCache:
+    """Maps (image identity, crop grid) keys to embedding tensors; evicts least recently used past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        t = self._items.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return t
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > 1 and self.nbytes > self.max_bytes:
+            self._items.popitem(last=False)
+
+    def drop(self, predicate) -> int:
+        """Remove the entries whose key satisfies ``predicate``; returns how many."""
+        keys = [k for k in self._items if predicate(k)]
+        for k in keys:
+            del self._items[k]
+        return len(keys)

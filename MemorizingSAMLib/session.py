@@ -1,0 +1,517 @@
+"""InteractiveSession: a volume in, clicks and boxes per segment, a uint8 mask per segment in the volume's grid.
+
+What every front end calls (Slicer module, server, CLI, evaluation). One encoder pass per crop (cached), one prompt
+encoder + mask decoder pass per click, and only the changed region of the full-resolution mask is rewritten; every
+call returns that region so that a caller copies only it.
+
+Coordinates: prompts are continuous voxel indices (i, j, k) of the volume (SimpleITK order; numpy arrays of the
+volume and of the masks are indexed [k, j, i]). See geometry.py for the conventions.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .embedding_cache import EmbeddingCache
+from .geometry import (
+    CropGrid,
+    Geometry,
+    ImageError,
+    image_from_array,
+    normalize_crop,
+    read_image,
+    resample_to_crop,
+    validate_image,
+)
+from .modeling.sam3d import Sam3D
+from .paste import Region, positive_region, sample_region
+
+OVERLAP_POLICIES = ("allow", "protect")
+BOX_STRATEGIES = ("center_click", "center_click_mask_prompt")
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used (outside the image, degenerate box, no segment ...)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A click (``box_hi`` None) at continuous index ``ijk``, or a box [ijk, box_hi] (inclusive voxel corners)."""
+
+    ijk: tuple[float, float, float]
+    include: bool = True
+    box_hi: tuple[float, float, float] | None = None
+
+    @property
+    def is_box(self) -> bool:
+        return self.box_hi is not None
+
+    @property
+    def centre(self) -> np.ndarray:
+        c = np.asarray(self.ijk, dtype=np.float64)
+        return c if self.box_hi is None else (c + np.asarray(self.box_hi)) / 2
+
+
+@dataclass
+class PromptState:
+    """What the model sees for one segment: its crop, the prompts inside it, the previous low-res logits and the
+    volume region the last result occupied in this crop (to be cleared by the next one)."""
+
+    crop: CropGrid | None = None
+    prompts: tuple[Prompt, ...] = ()
+    low_res: torch.Tensor | None = None
+    last_region: Region | None = None
+
+
+@dataclass
+class MaskEdit:
+    """Bytes of one segment's mask before (in ``region``) and after (in ``sub``, a part of ``region``; the rest
+    of ``region`` is unchanged): undo and redo restore them exactly."""
+
+    segment: int
+    region: Region
+    before: np.ndarray
+    sub: Region
+    after: np.ndarray
+
+    def undo(self, mask: np.ndarray) -> None:
+        mask[self.region.slices] = self.before
+
+    def redo(self, mask: np.ndarray) -> None:
+        mask[self.sub.slices] = self.after
+
+
+@dataclass
+class Step:
+    segment: int
+    before: PromptState
+    after: PromptState
+    edits: list[MaskEdit]
+
+
+@dataclass
+class Segment:
+    id: int
+    name: str
+    mask: np.ndarray  # uint8 [k, j, i], the volume's grid
+    state: PromptState = field(default_factory=PromptState)
+    undo: list[Step] = field(default_factory=list)
+    redo: list[Step] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Behaviour switches of a session.
+
+    newest_click_only: the published evaluation protocol (only the newest click + previous logits) instead of all
+        prompts in the crop.
+    overlap: "allow" (segments are independent masks) or "protect" (a segment never takes voxels of another).
+    box_strategy: how a box becomes prompts for models without box embeddings (see add_box).
+    clamp_to_box: voxels outside a segment's box are never set.
+    recrop_margin: a prompt closer than this many model voxels to the crop's faces moves the crop.
+    max_points: at most this many of the newest clicks in the crop go to the model; older ones act through the
+        previous logits (the mask prompt). SAM-Med3D trains with 1-10 accumulated clicks, so 10 keeps the input in
+        the training distribution and the decoder's cost bounded.
+    """
+
+    newest_click_only: bool = False
+    overlap: str = "allow"
+    box_strategy: str = "center_click_mask_prompt"
+    box_logit: float = 4.0
+    clamp_to_box: bool = True
+    recrop_margin: float = 0.0
+    max_points: int = 10
+
+    def __post_init__(self) -> None:
+        if self.overlap not in OVERLAP_POLICIES:
+            raise ValueError(f"overlap must be one of {OVERLAP_POLICIES}, got {self.overlap!r}")
+        if self.box_strategy not in BOX_STRATEGIES:
+            raise ValueError(f"box_strategy must be one of {BOX_STRATEGIES}, got {self.box_strategy!r}")
+
+
+class InteractiveSession:
+    """Interactive segmentation of one volume with one model.
+
+    >>> s = InteractiveSession(model)
+    >>> s.set_image("ct.nii.gz")
+    >>> seg = s.add_segment("tumour")
+    >>> region = s.add_point((210.0, 180.0, 30.0))      # (i, j, k) voxel index, include click
+    >>> s.mask(seg)[region.slices]                       # the changed part of the uint8 [k, j, i] mask
+    """
+
+    def __init__(
+        self,
+        model: Sam3D,
+        options: SessionOptions | None = None,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
+        self.model = model.eval()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.options = options or SessionOptions()
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.cfg = model.cfg
+        self.image: sitk.Image | None = None
+        self.geometry: Geometry | None = None
+        self._image_key: object | None = None
+        self.segments: dict[int, Segment] = {}
+        self.active: int | None = None
+        self._ids = itertools.count(1)
+        self.last_timing: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------------- image
+    def set_image(
+        self,
+        image: str | os.PathLike | sitk.Image | np.ndarray,
+        spacing: tuple[float, float, float] | None = None,
+        origin: tuple[float, float, float] | None = None,
+        direction: tuple[float, ...] | np.ndarray | None = None,
+    ) -> Geometry:
+        """Load the volume to segment: a path (file or DICOM folder), a SimpleITK image, or a [k, j, i] array with
+        ``spacing`` (mm along i, j, k), LPS ``origin`` and ``direction``. Validates before touching the session:
+        a refused image leaves the previous one and its segments in place. A new image drops all segments."""
+        if isinstance(image, np.ndarray):
+            img = image_from_array(
+                image,
+                spacing if spacing is not None else (1.0, 1.0, 1.0),
+                origin if origin is not None else (0.0, 0.0, 0.0),
+                direction if direction is not None else np.eye(3),
+            )
+        elif isinstance(image, sitk.Image):
+            img = image
+        else:
+            img = read_image(image)
+        validate_image(img)
+        self.image = img
+        self.geometry = Geometry.from_sitk(img)
+        self._image_key = object()  # identity of this image for the embedding cache
+        self.segments.clear()
+        self.active = None
+        self._ids = itertools.count(1)
+        return self.geometry
+
+    def _require_image(self) -> Geometry:
+        if self.geometry is None:
+            raise ImageError("no image: call set_image first")
+        return self.geometry
+
+    # -------------------------------------------------------------------------------------------- segments
+    def add_segment(self, name: str | None = None) -> int:
+        """A new empty segment, made active; returns its id."""
+        geom = self._require_image()
+        sid = next(self._ids)
+        # np.zeros maps untouched pages lazily, so a large volume costs memory only where masks are written.
+        mask = np.zeros(geom.size[::-1], dtype=np.uint8)
+        self.segments[sid] = Segment(sid, name or f"Segment_{sid}", mask)
+        self.active = sid
+        return sid
+
+    def select_segment(self, segment: int) -> None:
+        self._segment(segment)
+        self.active = segment
+
+    def _segment(self, segment: int | None) -> Segment:
+        self._require_image()
+        sid = self.active if segment is None else segment
+        if sid is None:
+            sid = self.add_segment()
+        if sid not in self.segments:
+            raise PromptError(f"no segment {sid}; segments are {sorted(self.segments)}")
+        return self.segments[sid]
+
+    def mask(self, segment: int | None = None) -> np.ndarray:
+        """The uint8 [k, j, i] mask of a segment (a live array: copy it if you keep it)."""
+        return self._segment(segment).mask
+
+    def prompts(self, segment: int | None = None) -> tuple[Prompt, ...]:
+        return self._segment(segment).state.prompts
+
+    # ----------------------------------------------------------------------------------------------- prompts
+    def add_point(self, ijk, include: bool = True, segment: int | None = None) -> Region | None:
+        """Add an include (or exclude) click at continuous voxel index ``ijk`` = (i, j, k) and update the mask.
+
+        Returns the region of the mask that changed (None if nothing did)."""
+        seg = self._segment(segment)
+        p = self._checked_point(ijk)
+        return self._apply(seg, Prompt(tuple(p), bool(include)))
+
+    def add_box(self, ijk_min, ijk_max, segment: int | None = None) -> Region | None:
+        """Add a box given by two opposite corners (voxel indices, inclusive, any order) and update the mask.
+
+        Models with box embeddings get the box itself. The published ones have none; for them the box becomes a
+        crop centred on the box, an include click at its centre and, with ``box_strategy`` 'center_click_mask_prompt'
+        (default), a box-shaped low-res mask prompt on the first step; ``clamp_to_box`` keeps the result inside the
+        box. A segment has at most one box: a new box replaces the previous one."""
+        seg = self._segment(segment)
+        a, b = self._checked_point(ijk_min), self._checked_point(ijk_max)
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        if np.any(hi - lo < 1e-6):
+            raise PromptError(f"the box {tuple(lo)}-{tuple(hi)} has zero size along an axis")
+        return self._apply(seg, Prompt(tuple(lo), True, tuple(hi)))
+
+    def set_prompts(self, prompts: list[Prompt], segment: int | None = None) -> Region | None:
+        """Replace a segment's prompts (points moved or deleted in a viewer) and recompute its result from them,
+        replaying the refinement chain in order. One undo step."""
+        seg = self._segment(segment)
+        for p in prompts:
+            self._checked_point(p.ijk)
+            if p.box_hi is not None:
+                self._checked_point(p.box_hi)
+        before = self._snapshot(seg.state)
+        state = PromptState()
+        low = None
+        for n in range(1, len(prompts) + 1):
+            state, low = self._predict(replace(state, prompts=tuple(prompts[:n])), prompts[n - 1], low_override=None)
+        if not prompts:
+            return self.reset(seg.id)
+        # The previous result of this segment is replaced, wherever the new crop covers it.
+        state.last_region = seg.state.last_region
+        return self._commit(seg, before, state, low)
+
+    def _checked_point(self, ijk) -> np.ndarray:
+        geom = self._require_image()
+        p = np.asarray(ijk, dtype=np.float64).reshape(-1)
+        if p.shape != (3,) or not np.all(np.isfinite(p)):
+            raise PromptError(f"a point needs three finite voxel indices (i, j, k), got {ijk!r}")
+        if not geom.contains_ijk(p):
+            raise PromptError(
+                f"point (i, j, k) = {tuple(float(v) for v in p)} lies outside the image of size {geom.size}"
+            )
+        return p
+
+    # ----------------------------------------------------------------------------------------- computation
+    def _embedding(self, crop: CropGrid) -> torch.Tensor:
+        key = (self._image_key, crop)
+        emb = self.cache.get(key)
+        if emb is None:
+            arr = resample_to_crop(self.image, crop, self.cfg.pad_value)
+            arr = normalize_crop(arr, self.cfg.normalization)
+            x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)[None, None]
+            with torch.inference_mode():
+                emb = self.model.encode(x)
+            self.cache.put(key, emb)
+        return emb
+
+    def _new_crop_for(self, prompt: Prompt) -> CropGrid:
+        ras = self.geometry.ijk_to_ras(prompt.centre)
+        return CropGrid.centred_on(ras, self.cfg.spacing_mm, self.cfg.encoder.img_size)
+
+    def _in_crop(self, crop: CropGrid, prompt: Prompt) -> bool:
+        pts = [prompt.ijk] if prompt.box_hi is None else [prompt.ijk, prompt.box_hi]
+        m = self.options.recrop_margin
+        return all(crop.contains(crop.ras_to_crop(self.geometry.ijk_to_ras(p)), margin=m) for p in pts)
+
+    def _predict(self, state: PromptState, newest: Prompt, low_override) -> tuple[PromptState, torch.Tensor]:
+        """One model step for ``state.prompts`` (``newest`` last); moves the crop if ``newest`` is outside it."""
+        crop, low_prev = state.crop, state.low_res
+        prompts = state.prompts
+        if newest.is_box:
+            # One box per segment: the new one replaces any earlier box.
+            prompts = tuple(p for p in prompts[:-1] if not p.is_box) + (newest,)
+        if crop is None or not self._in_crop(crop, newest) or newest.is_box:
+            new_crop = self._new_crop_for(newest)
+            if crop is not None and low_prev is not None:
+                low_prev = self._shift_logits(low_prev, crop, new_crop)
+            crop = new_crop
+            prompts = tuple(p for p in prompts if self._in_crop(crop, p))
+        emb = self._embedding(crop)
+        if self.options.newest_click_only:
+            use = prompts[-1:]
+        else:
+            clicks = [p for p in prompts if not p.is_box][-self.options.max_points :]
+            use = [p for p in prompts if p.is_box or p in clicks]
+        coords, labels, boxes = [], [], None
+        box = next((p for p in prompts if p.is_box), None)
+        for p in use:
+            if p.is_box:
+                if self.model.prompt_encoder.supports_boxes:
+                    corners = crop.ras_to_crop(self.geometry.ijk_to_ras(np.stack([p.ijk, p.box_hi])))
+                    boxes = torch.as_tensor(np.sort(corners, axis=0), dtype=self.dtype, device=self.device)[None]
+                else:
+                    coords.append(crop.ras_to_crop(self.geometry.ijk_to_ras(p.centre)))
+                    labels.append(1)
+            else:
+                coords.append(crop.ras_to_crop(self.geometry.ijk_to_ras(np.asarray(p.ijk))))
+                labels.append(1 if p.include else 0)
+        lr = self.model.low_res_size
+        if low_override is not None:
+            mask_in = low_override
+        elif low_prev is not None:
+            mask_in = low_prev
+        elif box is not None and self.options.box_strategy == "center_click_mask_prompt" and boxes is None:
+            mask_in = self._box_logits(box, crop)
+        else:
+            mask_in = torch.zeros(1, 1, lr, lr, lr, dtype=self.dtype, device=self.device)
+        pts = lab = None
+        if coords:
+            pts = torch.as_tensor(np.stack(coords), dtype=self.dtype, device=self.device)[None]
+            lab = torch.as_tensor(labels, device=self.device)[None]
+        with torch.inference_mode():
+            low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes)
+        new_state = PromptState(crop=crop, prompts=prompts, low_res=low, last_region=state.last_region)
+        if new_state.crop != state.crop:
+            new_state.last_region = None
+        return new_state, low
+
+    def _box_logits(self, box: Prompt, crop: CropGrid) -> torch.Tensor:
+        """Low-res mask prompt: +box_logit inside the box, -box_logit outside."""
+        lr = self.model.low_res_size
+        f = crop.size / lr
+        corners = crop.ras_to_crop(self.geometry.ijk_to_ras(np.stack([box.ijk, box.box_hi])))
+        lo, hi = corners.min(0), corners.max(0)
+        centres = (np.arange(lr) + 0.5) * f - 0.5  # crop coordinate of each low-res voxel centre
+        inside = [(centres >= lo[a]) & (centres <= hi[a]) for a in range(3)]
+        m = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+        v = self.options.box_logit
+        t = torch.from_numpy(np.where(m, v, -v).astype(np.float32))
+        return t.to(self.device, self.dtype)[None, None]
+
+    def _shift_logits(self, low: torch.Tensor, old: CropGrid, new: CropGrid) -> torch.Tensor:
+        """Previous low-res logits resampled into the new crop's low-res grid (0, 'no information', outside)."""
+        lr = low.shape[-1]
+        f = new.size / lr
+        centres = (np.arange(lr) + 0.5) * f - 0.5
+        g = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), -1)  # new crop coords, [x, y, z, 3]
+        old_xyz = old.ras_to_crop(new.crop_to_ras(g))
+        u = (old_xyz + 0.5) * (2.0 / old.size) - 1.0
+        grid = torch.as_tensor(u[..., ::-1].copy(), dtype=torch.float32, device=low.device)[None]
+        out = torch.nn.functional.grid_sample(
+            low.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        return out.to(low.dtype)
+
+    def _apply(self, seg: Segment, prompt: Prompt) -> Region | None:
+        t0 = time.perf_counter()
+        misses = self.cache.misses
+        before = self._snapshot(seg.state)
+        state = replace(seg.state, prompts=seg.state.prompts + (prompt,))
+        state, low = self._predict(state, prompt, low_override=None)
+        t1 = time.perf_counter()
+        region = self._commit(seg, before, state, low)
+        t2 = time.perf_counter()
+        self.last_timing = {
+            "model_ms": (t1 - t0) * 1e3,
+            "paste_ms": (t2 - t1) * 1e3,
+            "total_ms": (t2 - t0) * 1e3,
+            "encoded": self.cache.misses > misses,
+        }
+        return region
+
+    def _commit(self, seg: Segment, before: PromptState, state: PromptState, low: torch.Tensor) -> Region | None:
+        """Write the prediction of ``low`` into the segment's mask and record one undo step."""
+        geom = self.geometry
+        new_region = positive_region(low, geom, state.crop)
+        region = (new_region or Region((0, 0, 0), (0, 0, 0))).union(state.last_region)
+        box = next((p for p in state.prompts if p.is_box), None)
+        edits: list[MaskEdit] = []
+        if not region.empty:
+            sub, positive, inside = sample_region(low, geom, state.crop, region)
+            if not sub.empty:
+                if box is not None and self.options.clamp_to_box:
+                    positive &= _box_mask(sub, box)
+                if self.options.overlap == "protect":
+                    for other in self.segments.values():
+                        if other.id != seg.id:
+                            positive &= other.mask[sub.slices] == 0
+                current = seg.mask[sub.slices]
+                after = (
+                    positive.view(np.uint8) if inside is None else np.where(inside, positive, current).astype(np.uint8)
+                )
+                if not np.array_equal(current, after):
+                    edits.append(MaskEdit(seg.id, sub, current.copy(), sub, after))
+                    seg.mask[sub.slices] = after
+        state.last_region = new_region
+        seg.undo.append(Step(seg.id, before, self._snapshot(state), edits))
+        seg.redo.clear()
+        seg.state = state
+        return edits[0].region if edits else None
+
+    @staticmethod
+    def _snapshot(state: PromptState) -> PromptState:
+        # Tensors are never modified in place, so sharing them between snapshots is safe.
+        return copy.copy(state)
+
+    # -------------------------------------------------------------------------------------------- history
+    def undo(self, segment: int | None = None) -> Region | None:
+        """Undo the last step of a segment: mask bytes and prompts exactly as before. None if nothing to undo."""
+        seg = self._segment(segment)
+        if not seg.undo:
+            return None
+        step = seg.undo.pop()
+        region = None
+        for e in reversed(step.edits):
+            e.undo(self.segments[e.segment].mask)
+            region = e.region.union(region)
+        seg.state = self._snapshot(step.before)
+        seg.redo.append(step)
+        return region
+
+    def redo(self, segment: int | None = None) -> Region | None:
+        seg = self._segment(segment)
+        if not seg.redo:
+            return None
+        step = seg.redo.pop()
+        region = None
+        for e in step.edits:
+            e.redo(self.segments[e.segment].mask)
+            region = e.region.union(region)
+        seg.state = self._snapshot(step.after)
+        seg.undo.append(step)
+        return region
+
+    def reset(self, segment: int | None = None) -> Region | None:
+        """Clear a segment's mask and prompts (undoable)."""
+        seg = self._segment(segment)
+        nz = np.nonzero(seg.mask)
+        before = self._snapshot(seg.state)
+        edits = []
+        region = None
+        if nz[0].size:
+            region = Region(
+                (int(nz[2].min()), int(nz[1].min()), int(nz[0].min())),
+                (int(nz[2].max()) + 1, int(nz[1].max()) + 1, int(nz[0].max()) + 1),
+            )
+            old = seg.mask[region.slices].copy()
+            seg.mask[region.slices] = 0
+            edits.append(MaskEdit(seg.id, region, old, region, np.zeros_like(old)))
+        seg.state = PromptState()
+        seg.undo.append(Step(seg.id, before, self._snapshot(seg.state), edits))
+        seg.redo.clear()
+        return region
+
+    # --------------------------------------------------------------------------------------------- export
+    def labelmap(self, priority: str = "first") -> np.ndarray:
+        """All segments as one [k, j, i] labelmap (value = segment id; uint8, or uint16 past 255 segments).
+        Where segments overlap, the ``first`` (lowest id) or ``last`` segment wins."""
+        geom = self._require_image()
+        ids = sorted(self.segments)
+        dtype = np.uint8 if (max(ids, default=0) <= 255) else np.uint16
+        out = np.zeros(geom.size[::-1], dtype=dtype)
+        for sid in ids if priority == "last" else reversed(ids):
+            out[self.segments[sid].mask > 0] = sid
+        return out
+
+    def save_labelmap(self, path: str | os.PathLike, priority: str = "first") -> None:
+        """Write :meth:`labelmap` with the volume's geometry (NIfTI, NRRD, ... by extension) via SimpleITK."""
+        img = sitk.GetImageFromArray(self.labelmap(priority))
+        img.CopyInformation(self.image)
+        sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def _box_mask(region: Region, box: Prompt) -> np.ndarray:
+    """Voxels of ``region`` ([k, j, i]) inside the box's index range (rounded to whole voxels)."""
+    lo = np.floor(np.asarray(box.ijk) + 0.5).astype(int)
+    hi = np.floor(np.asarray(box.box_hi) + 0.5).astype(int)
+    axes = []
+    for a in (2, 1, 0):
+        idx = np.arange(region.lo[a], region.hi[a])
+        axes.append((idx >= lo[a]) & (idx <= hi[a]))
+    return axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]
