@@ -53,14 +53,15 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
 
 def recipe_model(config_name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A published-architecture model with the deterministic fixture weights (salt 'a'): realistic activations."""
-    from MemorizingSAMLib.compat_recipe import recipe_state_dict
+    from MemorizingSAMLib.compat_recipe import recipe_tensor
     from MemorizingSAMLib.modeling import build_sam3d
     from MemorizingSAMLib.modeling.sam3d import Sam3D
 
     with torch.device("meta"):
         model: Sam3D = build_sam3d(config_name)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = {k: torch.from_numpy(v).to(dtype) for k, v in recipe_state_dict(shapes, "a").items()}
+    # one float64 tensor at a time, so the benchmark's peak RSS is not the recipe's
+    sd = {k: torch.from_numpy(recipe_tensor(k, s, "a")).to(dtype) for k, s in shapes.items()}
     model.load_state_dict(sd, assign=True)
     return model.to(device).eval().prepare_for_inference()
 
