@@ -92,8 +92,9 @@ class MaskDecoder3D(nn.Module):
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
         src = image_embeddings + dense_prompt_embeddings
-        src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2)
-        pos = image_pe.flatten(2).transpose(1, 2)
+        # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
+        src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
+        pos = image_pe.flatten(2).transpose(1, 2).contiguous()
         hs, src = self.transformer(src, pos, tokens)
         selected = range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
         hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in selected], dim=1)

@@ -77,8 +77,19 @@ class PromptEncoder3D(nn.Module):
         return self.cfg.num_point_embeddings >= 4
 
     def get_dense_pe(self) -> torch.Tensor:
-        """(1, C, G, G, G) positional encoding of the image-embedding grid."""
-        return self.pe_layer.dense(self.cfg.image_embedding_size)
+        """(1, C, G, G, G) positional encoding of the image-embedding grid.
+
+        It depends only on the Gaussian matrix, so inference reuses it: an explicit one-entry cache keyed by the
+        matrix' identity, version, dtype and device (recomputed under autograd, so training sees the graph)."""
+        g = self.pe_layer.positional_encoding_gaussian_matrix
+        if torch.is_grad_enabled() and g.requires_grad:
+            return self.pe_layer.dense(self.cfg.image_embedding_size)
+        key = (g.data_ptr(), g._version, g.dtype, g.device)
+        cached = self.__dict__.get("_dense_pe_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.pe_layer.dense(self.cfg.image_embedding_size).contiguous())
+            self.__dict__["_dense_pe_cache"] = cached
+        return cached[1]
 
     def embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """(B, N, 3) voxel coords + (B, N) labels -> (B, N [+1], C); ``pad`` appends one ignored point."""
