@@ -152,6 +152,7 @@ class InteractiveSession:
         model: Sam3D,
         options: SessionOptions | None = None,
         cache: EmbeddingCache | None = None,
+        memory=None,
     ) -> None:
         self.model = model.eval()
         p = next(model.parameters())
@@ -159,6 +160,12 @@ class InteractiveSession:
         self.options = options or SessionOptions()
         self.cache = cache if cache is not None else EmbeddingCache()
         self.cfg = model.cfg
+        # A MemoryBank (memory_bank.py), checked against the model; retrieval runs once per embedding.
+        self.memory = memory
+        self._provider = None
+        if memory is not None:
+            memory.check_model(model)
+            self._provider = memory.provider(self.device)
         self.image: sitk.Image | None = None
         self.geometry: Geometry | None = None
         self._image_key: object | None = None
@@ -289,14 +296,15 @@ class InteractiveSession:
 
     # ----------------------------------------------------------------------------------------- computation
     def _embedding(self, crop: CropGrid) -> torch.Tensor:
-        key = (self._image_key, crop)
+        mem_key = None if self.memory is None else (id(self.memory), self.memory.k, self.memory.local_ratio)
+        key = (self._image_key, crop, mem_key)
         emb = self.cache.get(key)
         if emb is None:
             arr = resample_to_crop(self.image, crop, self.cfg.pad_value)
             arr = normalize_crop(arr, self.cfg.normalization)
             x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)[None, None]
             with torch.inference_mode():
-                emb = self.model.encode(x)
+                emb = self.model.encode(x, memory=self._provider)
             self.cache.put(key, emb)
         return emb
 

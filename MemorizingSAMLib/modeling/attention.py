@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory_attention import RetrievedMemory, attend_memory
 from .packed_linear import linear
 from .relpos import padded_key_logmass, real_key_bias, rel_pos_factors
 from .sparse_attention import grouped_attention
@@ -38,6 +39,7 @@ class Attention3D(nn.Module):
         backend: str = "dense",
         sparse_group: int = 2,
         sparse_dilated: bool = False,
+        memory_gate: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -50,6 +52,9 @@ class Attention3D(nn.Module):
         self.backend = backend
         self.sparse_group = sparse_group
         self.sparse_dilated = sparse_dilated
+        if memory_gate:
+            # Learned per-head local ratio r = sigmoid(gate) for models we train (0 -> r = 0.5).
+            self.memory_gate = nn.Parameter(torch.zeros(num_heads))
         if use_rel_pos:
             n = 2 * rel_pos_size - 1
             self.rel_pos_d = nn.Parameter(torch.zeros(n, self.head_dim))
@@ -93,10 +98,17 @@ class Attention3D(nn.Module):
             virtual_value = pad_v
         return bias, virtual_bias, virtual_value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: RetrievedMemory | None = None) -> torch.Tensor:
         b, g = x.shape[0], x.shape[1]
         q, k, v = self.qkv_heads(x)
         out = self.attend(q, k, v, g)
+        if memory is not None and memory.active:
+            mem = attend_memory(q, memory, self.scale)
+            if hasattr(self, "memory_gate"):
+                r = torch.sigmoid(self.memory_gate).view(1, -1, 1, 1).to(out.dtype)
+            else:
+                r = memory.local_ratio
+            out = r * out + (1 - r) * mem
         out = out.transpose(1, 2).reshape(b, g, g, g, -1)
         return linear(out, self.proj, self.proj.weight, self.proj.bias)
 

@@ -43,6 +43,8 @@ class EncoderConfig:
     attention_backend: str = "dense"
     # For the "grouped" backend: group edge in tokens; blocks alternate contiguous and dilated groups.
     sparse_group: int = 2
+    # A learned per-head local/memory mixing gate in every attention block (our trained models only).
+    memory_gate: bool = False
 
     @property
     def grid(self) -> int:
@@ -115,7 +117,7 @@ class Sam3DConfig:
     spacing_mm: float = 1.5
     normalization: str = "zscore_positive"
     pad_value: float = 0.0
-    # Memory attention (Memorizing SAM): the encoder block that may attend over a memory bank; -1 = none.
+    # Memory attention (Memorizing SAM): the encoder block whose keys/values memory banks hold by default.
     memory_layer: int = -1
 
     def validate(self) -> None:
@@ -176,7 +178,7 @@ def fastsam3d() -> Sam3DConfig:
         block_variant="post_norm",
         attention_free_blocks=2,
     )
-    return Sam3DConfig(name="fastsam3d", encoder=enc, memory_layer=-1)
+    return Sam3DConfig(name="fastsam3d", encoder=enc, memory_layer=4)  # the paper's memory layer
 
 
 def memsam_small_teacher() -> Sam3DConfig:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import Attention3D
 from .config import EncoderConfig
+from .memory_attention import MemoryProvider, RetrievedMemory, memory_descriptor
 from .ops import LayerNorm3d, MLPBlock, conv_stride_eq_kernel, patchify
 from .packed_linear import linear, pack_weight
 
@@ -50,6 +51,7 @@ class Block3D(nn.Module):
                 backend=cfg.attention_backend,
                 sparse_group=cfg.sparse_group,
                 sparse_dilated=index % 2 == 1,
+                memory_gate=cfg.memory_gate,
             )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
@@ -58,14 +60,16 @@ class Block3D(nn.Module):
         lin1, lin2 = self.mlp.lin1, self.mlp.lin2
         return linear(linear(x, lin1, lin1.weight, lin1.bias, gelu=True), lin2, lin2.weight, lin2.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: RetrievedMemory | None = None) -> torch.Tensor:
         if self.attention_free:
+            if memory is not None:
+                raise ValueError("the memory layer must be a block with attention")
             z = self.norm2(x)
             return z + self.mlp_forward(z)
         if self.variant == "pre_norm":
-            y = x + self.attn(self.norm1(x))
+            y = x + self.attn(self.norm1(x), memory)
             return y + self.mlp_forward(self.norm2(y))
-        z = self.norm2(x + self.attn(self.norm1(x)))
+        z = self.norm2(x + self.attn(self.norm1(x), memory))
         return z + self.mlp_forward(z)
 
 
@@ -109,13 +113,27 @@ class ImageEncoder3D(nn.Module):
         # Contiguous NCDHW once here, so every decoder call adds dense prompts to it at full speed.
         return ln2(y).contiguous()
 
-    def forward(self, x: torch.Tensor, return_block_outputs: bool = False):
+    def memory_entry(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a memory bank stores for crop ``x`` (B, 1, S, S, S): the keys and values of block ``layer``
+        (B, heads, G^3, head_dim each) and the retrieval descriptor of the tokens entering it (B, 2C)."""
+        blk = self.blocks[layer]
+        if blk.attention_free:
+            raise ValueError(f"block {layer} has no attention: it cannot be a memory layer")
+        t = self.embed(x)
+        for b in self.blocks[:layer]:
+            t = b(t)
+        _, k, v = blk.attn.qkv_heads(blk.norm1(t))
+        return k, v, memory_descriptor(t)
+
+    def forward(self, x: torch.Tensor, return_block_outputs: bool = False, memory: MemoryProvider | None = None):
         """Image embedding (B, out_chans, G, G, G); with ``return_block_outputs`` also the list of every block's
-        channel-last output (B, G, G, G, C), which distillation and the compat checks use."""
+        channel-last output (B, G, G, G, C), which distillation and the compat checks use. With ``memory``, block
+        ``memory.layer`` also attends over what the provider retrieves for the tokens entering it."""
         t = self.embed(x)
         outs = []
-        for blk in self.blocks:
-            t = blk(t)
+        for i, blk in enumerate(self.blocks):
+            mem = memory.retrieve(t) if memory is not None and i == memory.layer else None
+            t = blk(t, mem)
             if return_block_outputs:
                 outs.append(t)
         emb = self.apply_neck(t)

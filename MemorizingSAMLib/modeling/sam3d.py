@@ -27,9 +27,10 @@ class Sam3D(nn.Module):
         """Side of the low-res logit grid (32 for the published models)."""
         return 4 * self.cfg.encoder.grid
 
-    def encode(self, volume: torch.Tensor) -> torch.Tensor:
-        """Normalised model-space crop (B, 1, S, S, S) -> image embedding (B, C, G, G, G)."""
-        return self.image_encoder(volume)
+    def encode(self, volume: torch.Tensor, memory=None) -> torch.Tensor:
+        """Normalised model-space crop (B, 1, S, S, S) -> image embedding (B, C, G, G, G); ``memory`` (a
+        MemoryProvider, e.g. ``MemoryBank.provider()``) adds memory attention at its layer."""
+        return self.image_encoder(volume, memory=memory)
 
     def decode(
         self,

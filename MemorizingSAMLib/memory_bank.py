@@ -1,0 +1,357 @@
+"""Memory banks: build from labelled volumes, store in one memory-mappable file, load, retrieve.
+
+File layout (little-endian), version 1:
+
+    8 bytes   magic b"MSAMBANK"
+    8 bytes   header length H (uint64)
+    H bytes   header, UTF-8 JSON: version, model config, model fingerprint, memory layer, array table
+              (name, dtype, shape, offset, crc32), entries' metadata, and the header's own CRC32 of the rest
+    ...       arrays at 64-byte aligned offsets: "descriptors" (N, D) float16, "keys" and "values"
+              (N, heads, tokens, head_dim) float16
+
+Loading checks magic, version, size, CRCs of the header and of the descriptors, and that the bank was built for
+the same model (config and a fingerprint of the weights that produce the memory layer's keys and values). Keys and
+values stay memory-mapped: only retrieved entries are read. Writing goes to a temporary file in the same folder
+that is renamed into place, so a crash never leaves a half-written bank under the bank's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .geometry import CropGrid, Geometry, normalize_crop, read_image, resample_to_crop
+from .modeling.config import Sam3DConfig
+from .modeling.memory_attention import RetrievedMemory, inverse_distance_weights, memory_descriptor
+from .modeling.sam3d import Sam3D
+
+MAGIC = b"MSAMBANK"
+VERSION = 1
+_ALIGN = 64
+
+
+class MemoryBankError(ValueError):
+    """A memory bank that cannot be used, with the reason."""
+
+
+def model_fingerprint(model: Sam3D, layer: int) -> str:
+    """Short hash of the weights that determine the keys/values of encoder block ``layer``: patch and position
+    embedding, blocks before it, and its norm1 and qkv. Strided samples keep it fast for large models."""
+    enc = model.image_encoder
+    h = hashlib.sha256()
+    tensors = list(enc.patch_embed.state_dict().items()) + [("pos_embed", enc.pos_embed)]
+    for i, blk in enumerate(enc.blocks[: layer + 1]):
+        items = (
+            blk.state_dict().items()
+            if i < layer
+            else [*blk.norm1.state_dict().items(), *blk.attn.qkv.state_dict().items()]
+        )
+        tensors += [(f"{i}.{k}", v) for k, v in items]
+    for name, t in tensors:
+        flat = t.detach().float().reshape(-1).cpu()
+        sample = flat[:: max(1, flat.numel() // 4096)]
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().astype(np.float32).tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class BankEntry:
+    """Metadata of one memory entry."""
+
+    label: str
+    label_value: int
+    source: str
+    crop_origin_ras: tuple[float, float, float]
+    voxels: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "crop_origin_ras": list(self.crop_origin_ras)}
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def write_bank(
+    path: str | os.PathLike,
+    model: Sam3D,
+    layer: int,
+    descriptors: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    entries: Sequence[BankEntry],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bank file atomically. descriptors (N, D), keys/values (N, heads, tokens, head_dim); stored fp16."""
+    n = len(entries)
+    arrays = {
+        "descriptors": np.ascontiguousarray(descriptors, dtype=np.float16),
+        "keys": np.ascontiguousarray(keys, dtype=np.float16),
+        "values": np.ascontiguousarray(values, dtype=np.float16),
+    }
+    for name, a in arrays.items():
+        if a.shape[0] != n:
+            raise ValueError(f"{name} has {a.shape[0]} rows for {n} entries")
+    table, offset = [], 0
+    for name, a in arrays.items():
+        table.append(
+            {
+                "name": name,
+                "dtype": "float16",
+                "shape": list(a.shape),
+                "offset": offset,
+                "crc32": zlib.crc32(a.tobytes()) if name == "descriptors" else None,
+            }
+        )
+        offset = _aligned(offset + a.nbytes)
+    header = {
+        "version": VERSION,
+        "model_config": model.cfg.to_dict(),
+        "model_fingerprint": model_fingerprint(model, layer),
+        "layer": int(layer),
+        "arrays": table,
+        "data_bytes": offset,
+        "entries": [e.to_json() for e in entries],
+        "extra": extra or {},
+    }
+    body = json.dumps(header, sort_keys=True).encode()
+    header_bytes = json.dumps({"crc32": zlib.crc32(body), "header": header}, sort_keys=True).encode()
+    start = _aligned(16 + len(header_bytes))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes)
+            f.write(b"\0" * (start - 16 - len(header_bytes)))
+            for spec, a in zip(table, arrays.values()):
+                f.seek(start + spec["offset"])
+                f.write(a.tobytes())
+            f.truncate(start + offset)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+@dataclass
+class MemoryBank:
+    """A loaded bank: descriptors in memory (float32 for exact top-k), keys/values memory-mapped."""
+
+    path: Path
+    layer: int
+    model_config: dict[str, Any]
+    fingerprint: str
+    descriptors: torch.Tensor
+    keys: np.ndarray
+    values: np.ndarray
+    entries: list[dict[str, Any]]
+    k: int = 3
+    local_ratio: float = 0.3
+    _desc_sq: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, model: Sam3D | None = None, k: int = 3, local_ratio: float = 0.3
+    ) -> MemoryBank:
+        """Open a bank; with ``model``, refuse a bank built for another model (config or weights)."""
+        p = Path(path)
+        if not p.is_file():
+            raise MemoryBankError(f"{p}: no such memory bank")
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(16)
+            if len(head) < 16 or head[:8] != MAGIC:
+                raise MemoryBankError(f"{p}: not a MemorizingSAM memory bank (bad magic)")
+            (hlen,) = struct.unpack("<Q", head[8:])
+            if hlen > size:
+                raise MemoryBankError(f"{p}: truncated (header of {hlen} bytes in a {size}-byte file)")
+            raw = f.read(hlen)
+        try:
+            outer = json.loads(raw)
+            header = outer["header"]
+            if zlib.crc32(json.dumps(header, sort_keys=True).encode()) != outer["crc32"]:
+                raise MemoryBankError(f"{p}: corrupt header (checksum mismatch)")
+        except (ValueError, KeyError, TypeError) as e:
+            if isinstance(e, MemoryBankError):
+                raise
+            raise MemoryBankError(f"{p}: corrupt header ({type(e).__name__})") from None
+        if header.get("version") != VERSION:
+            raise MemoryBankError(f"{p}: bank format version {header.get('version')}, this library reads {VERSION}")
+        start = _aligned(16 + hlen)
+        if size < start + header["data_bytes"]:
+            raise MemoryBankError(f"{p}: truncated ({size} bytes, {start + header['data_bytes']} expected)")
+        arrays = {}
+        for spec in header["arrays"]:
+            arrays[spec["name"]] = np.memmap(
+                p, dtype=np.float16, mode="r", offset=start + spec["offset"], shape=tuple(spec["shape"])
+            )
+            if (
+                spec.get("crc32") is not None
+                and zlib.crc32(np.asarray(arrays[spec["name"]]).tobytes()) != spec["crc32"]
+            ):
+                raise MemoryBankError(f"{p}: corrupt data in '{spec['name']}' (checksum mismatch)")
+        bank = cls(
+            p,
+            int(header["layer"]),
+            header["model_config"],
+            header["model_fingerprint"],
+            torch.from_numpy(np.asarray(arrays["descriptors"], dtype=np.float32)),
+            arrays["keys"],
+            arrays["values"],
+            header["entries"],
+            k,
+            local_ratio,
+        )
+        if model is not None:
+            bank.check_model(model)
+        return bank
+
+    def check_model(self, model: Sam3D) -> None:
+        try:
+            built_for = Sam3DConfig.from_dict(self.model_config)
+        except (TypeError, ValueError) as e:
+            raise MemoryBankError(f"{self.path}: unreadable model config in the bank ({e})") from None
+        if built_for.encoder != model.cfg.encoder:
+            raise MemoryBankError(f"{self.path}: built for a {built_for.name} encoder, not this {model.cfg.name} model")
+        if model_fingerprint(model, self.layer) != self.fingerprint:
+            raise MemoryBankError(f"{self.path}: built with other weights than this model's ({model.cfg.name})")
+
+    # ---------------------------------------------------------------------------------------- retrieval
+    def nearest(self, query: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k by Euclidean distance: (indices (k,), distances (k,)), nearest first."""
+        k = min(k or self.k, len(self))
+        if k == 0:
+            return torch.empty(0, dtype=torch.long), torch.empty(0)
+        if self._desc_sq is None:
+            self._desc_sq = (self.descriptors * self.descriptors).sum(1)
+        q = query.reshape(-1).float().cpu()
+        d2 = self._desc_sq - 2 * (self.descriptors @ q) + (q * q).sum()
+        vals, idx = torch.topk(d2, k, largest=False)
+        return idx, vals.clamp_min(0).sqrt()
+
+    def retrieve_entries(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = np.sort(idx.numpy())
+        order = np.argsort(np.argsort(idx.numpy()))  # back to nearest-first order
+        keys = torch.from_numpy(np.asarray(self.keys[ids])[order].astype(np.float32))
+        values = torch.from_numpy(np.asarray(self.values[ids])[order].astype(np.float32))
+        return keys, values
+
+    def provider(self, device: torch.device | str | None = None) -> BankProvider:
+        return BankProvider(self, device)
+
+
+class BankProvider:
+    """MemoryProvider for the encoder: retrieves once per encoder pass (once per embedding, never per click)."""
+
+    def __init__(self, bank: MemoryBank, device=None) -> None:
+        self.bank = bank
+        self.layer = bank.layer
+        self.device = device
+        self.last: dict[str, Any] = {}
+
+    def retrieve(self, tokens: torch.Tensor) -> RetrievedMemory | None:
+        if len(self.bank) == 0 or self.bank.k == 0:
+            return None
+        desc = memory_descriptor(tokens)[0]
+        idx, dist = self.bank.nearest(desc)
+        keys, values = self.bank.retrieve_entries(idx)
+        dev = tokens.device if self.device is None else self.device
+        self.last = {
+            "indices": idx.tolist(),
+            "distances": dist.tolist(),
+            "labels": [self.bank.entries[i]["label"] for i in idx.tolist()],
+        }
+        return RetrievedMemory(
+            keys.to(dev), values.to(dev), inverse_distance_weights(dist).to(dev), self.bank.local_ratio
+        )
+
+
+# ------------------------------------------------------------------------------------------------ building
+def interior_point(mask: np.ndarray) -> np.ndarray:
+    """(i, j, k) of the voxel of ``mask`` ([k, j, i]) farthest from its border; ties: the first in C order."""
+    dt = ndimage.distance_transform_edt(np.pad(mask > 0, 1))[1:-1, 1:-1, 1:-1]
+    k, j, i = np.unravel_index(int(np.argmax(dt)), dt.shape)
+    return np.array([i, j, k], dtype=np.float64)
+
+
+def _progress(done: int, total: int, what: str, stream=sys.stderr) -> None:
+    width = 30
+    fill = int(width * done / max(total, 1))
+    stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {what[:40]:40s}")
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+@torch.inference_mode()
+def build_bank(
+    model: Sam3D,
+    cases: Iterable[tuple[str, str | os.PathLike | sitk.Image, str | os.PathLike | sitk.Image]],
+    label_names: dict[int, str] | None = None,
+    out: str | os.PathLike = "bank.msam",
+    layer: int | None = None,
+    min_voxels: int = 20,
+    progress: Callable[[int, int, str], None] | None = _progress,
+) -> Path:
+    """Build a bank from (case name, image, label map) triples: one entry per structure (label value) per case,
+    its crop centred at the structure's interior-most voxel, exactly as a first click would place it."""
+    layer = model.cfg.memory_layer if layer is None else layer
+    if layer < 0:
+        raise ValueError(f"model {model.cfg.name} has no memory layer configured; pass layer=")
+    p = next(model.parameters())
+    cases = list(cases)
+    descs, keys, values, entries = [], [], [], []
+    for ci, (name, image, label) in enumerate(cases):
+        img = image if isinstance(image, sitk.Image) else read_image(image)
+        lab_img = label if isinstance(label, sitk.Image) else read_image(label)
+        lab = sitk.GetArrayViewFromImage(lab_img)
+        geom = Geometry.from_sitk(img)
+        for value in sorted(int(v) for v in np.unique(lab) if v != 0):
+            m = lab == value
+            if m.sum() < min_voxels:
+                continue
+            ijk = interior_point(m)
+            grid = CropGrid.centred_on(geom.ijk_to_ras(ijk), model.cfg.spacing_mm, model.cfg.encoder.img_size)
+            arr = normalize_crop(resample_to_crop(img, grid, model.cfg.pad_value), model.cfg.normalization)
+            x = torch.from_numpy(np.ascontiguousarray(arr)).to(p.device, p.dtype)[None, None]
+            k, v, d = model.image_encoder.memory_entry(x, layer)
+            descs.append(d[0].float().cpu().numpy())
+            keys.append(k[0].float().cpu().numpy())
+            values.append(v[0].float().cpu().numpy())
+            entries.append(
+                BankEntry(
+                    (label_names or {}).get(value, str(value)),
+                    value,
+                    name,
+                    tuple(float(c) for c in grid.origin_ras),
+                    int(m.sum()),
+                )
+            )
+        if progress:
+            progress(ci + 1, len(cases), name)
+    if not entries:
+        raise ValueError("no labelled structure found in the given cases")
+    return write_bank(out, model, layer, np.stack(descs), np.stack(keys), np.stack(values), entries)
