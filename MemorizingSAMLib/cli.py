@@ -41,6 +41,69 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _stem(p) -> str:
+    name = p.name
+    for suf in _IMAGE_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return p.stem
+
+
+def pair_images_labels(images_dir, labels_dir) -> list[tuple[str, object, object]]:
+    """(case, image path, label path) for image files whose stem has a label file of the same stem."""
+    from pathlib import Path
+
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise UsageError(f"{d}: not a folder")
+    labels = {_stem(p): p for p in labels_dir.iterdir() if p.name.endswith(_IMAGE_SUFFIXES)}
+    pairs = []
+    for p in sorted(images_dir.iterdir()):
+        if p.name.endswith(_IMAGE_SUFFIXES):
+            stem = _stem(p)
+            cand = labels.get(stem) or labels.get(stem.replace("_image", "_label"))
+            if cand is not None:
+                pairs.append((stem, p, cand))
+    if not pairs:
+        raise UsageError(f"no image in {images_dir} has a label file of the same name in {labels_dir}")
+    return pairs
+
+
+def _label_names(path, images_dir) -> dict[int, str]:
+    from pathlib import Path
+
+    f = Path(path) if path else Path(images_dir).parent / "dataset.json"
+    if not f.is_file():
+        if path:
+            raise UsageError(f"{f}: no such label-names file")
+        return {}
+    data = json.loads(f.read_text())
+    names = data.get("labels", data)
+    return {int(k): str(v) for k, v in names.items() if str(k).lstrip("-").isdigit()}
+
+
+def _cmd_build_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoints import load_model
+    from .memory_bank import MemoryBank, build_bank
+
+    pairs = pair_images_labels(args.images, args.labels)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, device=device).prepare_for_inference()
+    out = build_bank(model, pairs, _label_names(args.label_names, args.images), args.out, layer=args.layer)
+    bank = MemoryBank.load(out, model)
+    print(
+        f"wrote {out}: {len(bank)} entries from {len(pairs)} cases, layer {bank.layer}, "
+        f"{out.stat().st_size / 2**20:.1f} MB"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="memsam",
@@ -50,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, dtypes, metadata")
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt): upstream, bare state dict, or ours")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "build-memory",
+        help="build a memory bank from labelled volumes (one entry per structure per case)",
+        description="Each label value of each case becomes one entry: the model-space crop centred at the "
+        "structure's interior-most voxel, the memory layer's keys/values (fp16) and a retrieval descriptor. "
+        "Images and labels are paired by file name (foo.nii.gz with foo.nii.gz, or foo_image.* with foo_label.*).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint the bank is for (banks are model-specific)")
+    p.add_argument("--images", required=True, help="folder of images (NIfTI, NRRD, MHA)")
+    p.add_argument("--labels", required=True, help="folder of label maps with the same file names")
+    p.add_argument("--out", required=True, help="bank file to write (atomically)")
+    p.add_argument("--label-names", help="JSON {value: name}; default: dataset.json beside the images folder")
+    p.add_argument("--layer", type=int, help="encoder block to store (default: the model config's memory layer)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=_cmd_build_memory)
     return ap
 
 
@@ -63,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError, OSError) as e:
         if os.environ.get("MEMSAM_DEBUG"):
             raise
         print(f"memsam {args.command}: error: {e}", file=sys.stderr)

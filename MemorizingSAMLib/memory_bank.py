@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from .geometry import CropGrid, Geometry, normalize_crop, read_image, resample_to_crop
 from .modeling.config import Sam3DConfig
-from .modeling.memory_attention import RetrievedMemory, inverse_distance_weights, memory_descriptor
+from .modeling.memory_attention import DESCRIPTOR_SPEC, RetrievedMemory, inverse_distance_weights, memory_descriptor
 from .modeling.sam3d import Sam3D
 
 MAGIC = b"MSAMBANK"
@@ -125,6 +125,7 @@ def write_bank(
         "model_config": model.cfg.to_dict(),
         "model_fingerprint": model_fingerprint(model, layer),
         "layer": int(layer),
+        "descriptor": DESCRIPTOR_SPEC,
         "arrays": table,
         "data_bytes": offset,
         "entries": [e.to_json() for e in entries],
@@ -200,6 +201,10 @@ class MemoryBank:
             raise MemoryBankError(f"{p}: corrupt header ({type(e).__name__})") from None
         if header.get("version") != VERSION:
             raise MemoryBankError(f"{p}: bank format version {header.get('version')}, this library reads {VERSION}")
+        if header.get("descriptor") != DESCRIPTOR_SPEC:
+            raise MemoryBankError(
+                f"{p}: descriptors of kind {header.get('descriptor')}, this library computes {DESCRIPTOR_SPEC}"
+            )
         start = _aligned(16 + hlen)
         if size < start + header["data_bytes"]:
             raise MemoryBankError(f"{p}: truncated ({size} bytes, {start + header['data_bytes']} expected)")
@@ -253,10 +258,11 @@ class MemoryBank:
         return idx, vals.clamp_min(0).sqrt()
 
     def retrieve_entries(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = np.sort(idx.numpy())
-        order = np.argsort(np.argsort(idx.numpy()))  # back to nearest-first order
-        keys = torch.from_numpy(np.asarray(self.keys[ids])[order].astype(np.float32))
-        values = torch.from_numpy(np.asarray(self.values[ids])[order].astype(np.float32))
+        """Keys and values (k, heads, tokens, head_dim) of entries ``idx`` as float16 tensors, in ``idx`` order.
+        Reads only those entries from the memory-mapped file."""
+        ids = idx.numpy()
+        keys = torch.from_numpy(np.stack([self.keys[i] for i in ids]))
+        values = torch.from_numpy(np.stack([self.values[i] for i in ids]))
         return keys, values
 
     def provider(self, device: torch.device | str | None = None) -> BankProvider:

@@ -51,7 +51,7 @@ def test_bank_contents_and_metadata(bank_path, model):
     assert len(bank) == 6 and bank.layer == model.cfg.memory_layer
     assert sorted({e["label"] for e in bank.entries}) == ["kidney", "liver"]
     assert bank.keys.shape == (6, 8, 512, 32) and bank.keys.dtype == np.float16
-    assert bank.descriptors.shape == (6, 512)
+    assert bank.descriptors.shape == (6, 256)  # 2 x 256 channels: no projection needed
     assert bank_path.stat().st_size < 6 * 2 * 8 * 512 * 32 * 2 + 64 * 1024  # fp16 KV + small header
 
 
@@ -82,7 +82,7 @@ def test_memory_changes_outputs_only_from_the_memory_layer(bank_path, model):
 
 def test_retrieval_returns_true_nearest(tmp_path, model):
     rng = np.random.default_rng(0)
-    n, d = 500, 512
+    n, d = 500, 256
     desc = rng.normal(size=(n, d)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
     kv = np.zeros((n, 1, 1, 1), np.float16)

@@ -48,12 +48,33 @@ class MemoryProvider(Protocol):
     def retrieve(self, tokens: torch.Tensor) -> RetrievedMemory | None: ...
 
 
+# Descriptor: per-channel mean and std of the tokens entering the memory layer (2C numbers), L2-normalised, then
+# a fixed random orthonormal projection to DESCRIPTOR_DIM (Johnson-Lindenstrauss: distances are kept to a few
+# percent) so that exact top-k over 10 000 entries reads 10 MB instead of 61 MB. Banks record this spec.
+DESCRIPTOR_DIM = 256
+DESCRIPTOR_SEED = 20241218
+DESCRIPTOR_SPEC = {"kind": "token_mean_std_random_projection", "dim": DESCRIPTOR_DIM, "seed": DESCRIPTOR_SEED}
+_PROJECTIONS: dict[int, torch.Tensor] = {}
+
+
+def _projection(in_dim: int) -> torch.Tensor:
+    """(in_dim, DESCRIPTOR_DIM) orthonormal columns, the same on every machine (seeded CPU generator)."""
+    if in_dim not in _PROJECTIONS:
+        g = torch.Generator().manual_seed(DESCRIPTOR_SEED)
+        a = torch.randn(in_dim, max(DESCRIPTOR_DIM, 1), generator=g, dtype=torch.float64)
+        q, _ = torch.linalg.qr(a)
+        _PROJECTIONS[in_dim] = q[:, :DESCRIPTOR_DIM].float().contiguous()
+    return _PROJECTIONS[in_dim]
+
+
 def memory_descriptor(tokens: torch.Tensor) -> torch.Tensor:
-    """Retrieval descriptor of channel-last tokens (B, G, G, G, C): [mean, std] over tokens, L2-normalised,
-    float32 (B, 2C). 3 KB per entry in fp16 for FastSAM3D (C = 768)."""
+    """Retrieval descriptor of channel-last tokens (B, G, G, G, C): float32 (B, DESCRIPTOR_DIM), unit norm
+    (512 bytes per entry in fp16)."""
     t = tokens.float().flatten(1, 3)
-    d = torch.cat([t.mean(1), t.std(1)], dim=-1)
-    return F.normalize(d, dim=-1)
+    d = F.normalize(torch.cat([t.mean(1), t.std(1)], dim=-1), dim=-1)
+    if d.shape[-1] > DESCRIPTOR_DIM:
+        d = F.normalize(d @ _projection(d.shape[-1]).to(d.device), dim=-1)
+    return d
 
 
 def inverse_distance_weights(distances: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
