@@ -104,6 +104,81 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar(done: int, total: int, what: str) -> None:
+    width = 30
+    fill = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {what[:40]:40s}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from .datasets import prepare_dataset
+
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    unknown = set(sources) - {"pyradiomics", "mricron", "phantom"}
+    if unknown:
+        raise UsageError(f"unknown sources {sorted(unknown)}; choose from pyradiomics, mricron, phantom")
+    out = prepare_dataset(args.out, sources, cache=args.cache)
+    meta = json.loads((out / "dataset.json").read_text())
+    print(f"wrote {out}: {len(meta['cases'])} cases from {', '.join(sources)}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .evaluation.baseline import RegionGrowingSegmenter
+    from .evaluation.plots import dice_curve, montage
+    from .evaluation.runner import EvalConfig, SessionSegmenter, evaluate
+
+    split = None if args.split == "all" else args.split
+    sources = tuple(args.sources.split(",")) if args.sources else None
+    cfg = EvalConfig(
+        clicks=args.clicks, split=split, legacy=args.legacy, sources=sources, max_targets_per_case=args.max_targets
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = []
+    if args.model:
+        from .checkpoints import load_model
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.model, device=device).prepare_for_inference()
+        memory = None
+        if args.memory:
+            from .memory_bank import MemoryBank
+
+            memory = MemoryBank.load(args.memory, model)
+        methods.append(SessionSegmenter(model, memory=memory, legacy=args.legacy))
+    if args.baseline or not args.model:
+        methods.append(RegionGrowingSegmenter())
+    reports = []
+    for seg in methods:
+        print(f"evaluating {seg.name} ({'legacy' if args.legacy else 'our'} protocol, {args.clicks} clicks)")
+        rep = evaluate(seg, args.data, cfg, progress=_progress_bar, keep_masks=args.montage)
+        examples = rep.pop("_examples", [])
+        tag = seg.name.replace(" ", "_").replace("+", "")
+        (out / f"eval_{tag}.json").write_text(json.dumps(rep, indent=1))
+        if examples:
+            montage(examples, out / f"montage_{tag}.png")
+        reports.append(rep)
+        o = rep["overall"]
+        d = o.get("dice_at_click", [])
+        picks = {n: d[n - 1] for n in (1, 5, 10) if n <= len(d)}
+        print(
+            f"  {o['targets']} targets: "
+            + ", ".join(f"Dice@{n} {v:.3f}" for n, v in picks.items())
+            + (f", NoC@85 {o['noc85']:.2f}, AUC {o['auc']:.3f}" if o["targets"] else "")
+        )
+    dice_curve(reports, out / "dice_vs_clicks.png")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="memsam",
@@ -129,6 +204,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="encoder block to store (default: the model config's memory layer)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_build_memory)
+
+    p = sub.add_parser("data", help="get the evaluation/training data (package registries only)")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    f = dsub.add_parser("fetch", help="download/generate and convert into images/, labels/, dataset.json")
+    f.add_argument("--out", default="data/eval", help="dataset folder to write (default data/eval)")
+    f.add_argument("--sources", default="pyradiomics,mricron,phantom", help="comma list: pyradiomics,mricron,phantom")
+    f.add_argument("--cache", help="where downloads go (default: beside --out, in downloads/)")
+    f.set_defaults(func=_cmd_data_fetch)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="simulated-click evaluation: Dice after each click, NoC, latency; JSON and PNGs",
+        description="Click 1 at the target's interior-most voxel, each next click at the interior-most voxel of the "
+        "largest error region (include where under-segmented). Our protocol: the crop follows the clicks as in a "
+        "real session. --legacy: the published protocol (crop centred on the ground truth, newest click only, best "
+        "Dice over clicks), for comparison with published numbers.",
+    )
+    p.add_argument("--model", help="checkpoint; omit to run only the region-growing baseline")
+    p.add_argument("--data", required=True, help="dataset folder written by 'memsam data fetch'")
+    p.add_argument("--clicks", type=int, default=10)
+    p.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
+    p.add_argument("--sources", help="comma list of sources to use (default: all in the dataset)")
+    p.add_argument("--max-targets", type=int, help="at most this many structures per case")
+    p.add_argument("--memory", help="memory bank for the model")
+    p.add_argument("--baseline", action="store_true", help="also run the SimpleITK region-growing baseline")
+    p.add_argument("--legacy", action="store_true", help="the published protocol (see above)")
+    p.add_argument("--montage", type=int, default=6, help="cases in the PNG montage")
+    p.add_argument("--out", default="out/eval", help="folder for JSON and PNGs")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=_cmd_evaluate)
     return ap
 
 
@@ -136,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
-        ap.print_help()
+        ap.print_help(sys.stderr)
         return 2
     from .checkpoints import CheckpointError
 

@@ -69,6 +69,7 @@ class PromptState:
     prompts: tuple[Prompt, ...] = ()
     low_res: torch.Tensor | None = None
     last_region: Region | None = None
+    locked: bool = False  # crop fixed by lock_crop (the published evaluation protocol)
 
 
 @dataclass
@@ -234,6 +235,23 @@ class InteractiveSession:
             raise PromptError(f"no segment {sid}; segments are {sorted(self.segments)}")
         return self.segments[sid]
 
+    def remove_segment(self, segment: int) -> None:
+        """Forget a segment, its mask and its history."""
+        self._segment(segment)
+        del self.segments[segment]
+        if self.active == segment:
+            self.active = None
+
+    def lock_crop(self, centre_ijk, segment: int | None = None) -> None:
+        """Fix a segment's crop centred at ``centre_ijk`` (published protocol: centred on the ground truth);
+        prompts outside it no longer move it. Only before the segment's first prompt."""
+        seg = self._segment(segment)
+        if seg.state.prompts:
+            raise PromptError("lock_crop must come before the segment's first prompt")
+        c = np.asarray(centre_ijk, dtype=np.float64)
+        crop = CropGrid.centred_on(self.geometry.ijk_to_ras(c), self.cfg.spacing_mm, self.cfg.encoder.img_size)
+        seg.state = PromptState(crop=crop, locked=True)
+
     def mask(self, segment: int | None = None) -> np.ndarray:
         """The uint8 [k, j, i] mask of a segment (a live array: copy it if you keep it)."""
         return self._segment(segment).mask
@@ -324,7 +342,9 @@ class InteractiveSession:
         if newest.is_box:
             # One box per segment: the new one replaces any earlier box.
             prompts = tuple(p for p in prompts[:-1] if not p.is_box) + (newest,)
-        if crop is None or not self._in_crop(crop, newest) or newest.is_box:
+        if state.locked:
+            pass
+        elif crop is None or not self._in_crop(crop, newest) or newest.is_box:
             new_crop = self._new_crop_for(newest)
             if crop is not None and low_prev is not None:
                 low_prev = self._shift_logits(low_prev, crop, new_crop)
@@ -347,7 +367,10 @@ class InteractiveSession:
                     coords.append(crop.ras_to_crop(self.geometry.ijk_to_ras(p.centre)))
                     labels.append(1)
             else:
-                coords.append(crop.ras_to_crop(self.geometry.ijk_to_ras(np.asarray(p.ijk))))
+                xyz = crop.ras_to_crop(self.geometry.ijk_to_ras(np.asarray(p.ijk)))
+                if state.locked:
+                    xyz = np.clip(xyz, 0, crop.size - 1)  # a locked crop keeps clicks on its faces
+                coords.append(xyz)
                 labels.append(1 if p.include else 0)
         lr = self.model.low_res_size
         if low_override is not None:
@@ -364,7 +387,9 @@ class InteractiveSession:
             lab = torch.as_tensor(labels, device=self.device)[None]
         with torch.inference_mode():
             low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes)
-        new_state = PromptState(crop=crop, prompts=prompts, low_res=low, last_region=state.last_region)
+        new_state = PromptState(
+            crop=crop, prompts=prompts, low_res=low, last_region=state.last_region, locked=state.locked
+        )
         if new_state.crop != state.crop:
             new_state.last_region = None
         return new_state, low
