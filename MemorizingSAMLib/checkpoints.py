@@ -144,6 +144,11 @@ class Architecture:
         )
 
 
+def _same_weights_layout(a: Sam3DConfig, b: Sam3DConfig) -> bool:
+    """Configs that give the same keys and shapes; head counts of the decoder cannot be seen in a state dict."""
+    return a.encoder == b.encoder and replace(a.mask_decoder, num_heads=b.mask_decoder.num_heads) == b.mask_decoder
+
+
 def _block_indices(keys: list[str], prefix: str) -> list[int]:
     idx = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
     return sorted(idx)
@@ -250,7 +255,10 @@ def detect_architecture(sd: dict[str, torch.Tensor]) -> Architecture:
     known = None
     for name, make in CONFIGS.items():
         ref = make()
-        if ref.encoder == enc and (md_cfg is None or (ref.mask_decoder == md_cfg and ref.prompt_encoder == pe_cfg)):
+        if ref.encoder == enc and (
+            md_cfg is None
+            or (replace(ref.mask_decoder, num_heads=md_cfg.num_heads) == md_cfg and ref.prompt_encoder == pe_cfg)
+        ):
             known = name
             break
     cfg = Sam3DConfig(
@@ -334,7 +342,7 @@ def load_model(
             arch = detect_architecture(sd)
         cfg = arch.config if arch is not None else None
     if want is not None:
-        if cfg is not None and (want.encoder != cfg.encoder or want.mask_decoder != cfg.mask_decoder):
+        if cfg is not None and not _same_weights_layout(want, cfg):
             found = arch.describe() if arch else f"{cfg.name} (config stored in the file)"
             raise CheckpointError(f"{path}: expected a {want.name} checkpoint, but the file looks like {found}")
         cfg = want

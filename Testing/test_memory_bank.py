@@ -43,16 +43,16 @@ def bank_path(model, tmp_path_factory):
 
 
 def x_crop(seed=5):
-    return torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def test_bank_contents_and_metadata(bank_path, model):
     bank = MemoryBank.load(bank_path, model)
     assert len(bank) == 6 and bank.layer == model.cfg.memory_layer
     assert sorted({e["label"] for e in bank.entries}) == ["kidney", "liver"]
-    assert bank.keys.shape == (6, 8, 512, 32) and bank.keys.dtype == np.float16
-    assert bank.descriptors.shape == (6, 256)  # 2 x 256 channels: no projection needed
-    assert bank_path.stat().st_size < 6 * 2 * 8 * 512 * 32 * 2 + 64 * 1024  # fp16 KV + small header
+    assert bank.keys.shape == (6, 6, 512, 32) and bank.keys.dtype == np.float16
+    assert bank.descriptors.shape == (6, 256)  # 2 x 192 channels projected to 256
+    assert bank_path.stat().st_size < 6 * 2 * 6 * 512 * 32 * 2 + 64 * 1024  # fp16 KV + small header
 
 
 def test_empty_bank_or_zero_memory_weight_is_plain_model(bank_path, model):

@@ -65,8 +65,8 @@ def test_grouped_attention_equals_masked_dense(dilated):
 def test_sparse_backend_runs_and_refuses_rel_pos():
     m = build_sam3d("memsam_tiny_sparse").eval()
     with torch.no_grad():
-        emb = m.encode(torch.randn(1, 1, 128, 128, 128))
-    assert emb.shape == (1, 192, 8, 8, 8) and torch.isfinite(emb).all()
+        emb = m.encode(torch.randn(1, 1, 64, 64, 64))
+    assert emb.shape == (1, 96, 8, 8, 8) and torch.isfinite(emb).all()
     with pytest.raises(ValueError, match="rel_pos"):
         EncoderConfig(attention_backend="grouped", window_size=0, global_attn_indexes=()).validate()
 
@@ -92,7 +92,7 @@ def test_config_dict_roundtrip():
 def test_multimask_selects_masks_one_to_three():
     torch.manual_seed(4)
     m = build_sam3d("memsam_tiny_student").eval()
-    emb = torch.randn(1, 192, 8, 8, 8)
+    emb = torch.randn(1, 96, 8, 8, 8)
     pts, lab = torch.tensor([[[10, 20, 30]]]), torch.tensor([[1]])
     with torch.no_grad():
         single, iou1 = m.decode(emb, pts, lab)
@@ -105,8 +105,8 @@ def test_multimask_selects_masks_one_to_three():
 def test_packed_inference_matches_plain_and_follows_weight_changes():
     torch.manual_seed(5)
     m = build_sam3d("memsam_tiny_student").eval()
-    x = torch.randn(1, 1, 128, 128, 128)
-    pts, lab = torch.tensor([[[60, 61, 62]]]), torch.tensor([[1]])
+    x = torch.randn(1, 1, 64, 64, 64)
+    pts, lab = torch.tensor([[[30, 31, 32]]]), torch.tensor([[1]])
     with torch.inference_mode():
         emb = m.encode(x)
         low, _ = m.decode(emb, pts, lab)
