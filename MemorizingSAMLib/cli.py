@@ -179,6 +179,86 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .modeling import build_sam3d
+    from .training.data import TrainingData
+    from .training.loop import TrainConfig, train
+
+    torch.manual_seed(args.seed)
+    if args.init:
+        from .checkpoints import load_model
+
+        model = load_model(args.init, config=args.config)
+    else:
+        model = build_sam3d(args.config)
+    data = TrainingData(args.data, split=args.split)
+    print(
+        f"training {model.cfg.name} ({model.count_parameters():,} parameters) on {len(data)} targets", file=sys.stderr
+    )
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        max_clicks=args.max_clicks,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+    )
+    ck = train(model, data, args.out, cfg, device=args.device, resume=not args.no_resume)
+    print(f"wrote {ck}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoints import load_model, save_checkpoint
+    from .modeling import build_sam3d
+    from .training.data import TrainingData
+    from .training.distill import DistillConfig, distill_encoder, init_student_from_teacher
+    from .training.loop import TrainConfig, train
+
+    torch.manual_seed(args.seed)
+    teacher = load_model(args.teacher)
+    student = build_sam3d(args.student_config)
+    init_student_from_teacher(student, teacher)
+    data = TrainingData(args.data, split=args.split)
+    print(
+        f"distilling {teacher.cfg.name} -> {student.cfg.name} ({student.count_parameters():,} parameters)",
+        file=sys.stderr,
+    )
+    distill_encoder(
+        student,
+        teacher,
+        data,
+        args.out,
+        DistillConfig(steps=args.steps, batch=args.batch, seed=args.seed, log_every=args.log_every),
+        device=args.device,
+    )
+    if args.finetune_steps:
+        cfg = TrainConfig(
+            steps=args.finetune_steps,
+            batch=args.batch,
+            lr=args.finetune_lr,
+            seed=args.seed,
+            warmup=min(50, args.finetune_steps),
+            train_encoder=False,
+            log_every=args.log_every,
+            checkpoint_every=max(1, args.finetune_steps // 4),
+        )
+        train(student, data, args.out, cfg, device=args.device, resume=False, tag="finetune")
+    out = save_checkpoint(
+        student,
+        f"{args.out}/student.pt",
+        half=args.half,
+        metadata={"teacher": str(args.teacher), "distill_steps": args.steps, "finetune_steps": args.finetune_steps},
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="memsam",
@@ -204,6 +284,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="encoder block to store (default: the model config's memory layer)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_build_memory)
+
+    p = sub.add_parser(
+        "train",
+        help="interactive training (simulated clicks, previous logits fed back), with checkpoints and resume",
+        description="Trains a named config (or continues --init) on the train split of a 'memsam data fetch' "
+        "folder. Writes OUT/train_last.pt (our checkpoint format), OUT/train_last.state.pt (optimizer, RNG) and "
+        "OUT/train_log.jsonl; an interrupted run continues from its last checkpoint.",
+    )
+    p.add_argument("--config", default="memsam_small_teacher", help="model config name")
+    p.add_argument("--init", help="start from this checkpoint instead of random weights")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--max-clicks", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "distill",
+        help="layer-wise progressive distillation of a student encoder from a teacher, then decoder fine-tuning",
+        description="Student block i learns teacher block 2i+1; layers join the loss progressively (stage s trains "
+        "blocks 0..s-1, the image embedding joins in the last stage); the teacher is frozen. Then the prompt "
+        "encoder and mask decoder are fine-tuned with the interactive loop. Writes OUT/student.pt.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher checkpoint")
+    p.add_argument("--student-config", default="memsam_tiny_student")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--steps", type=int, default=600, help="distillation steps")
+    p.add_argument("--finetune-steps", type=int, default=200, help="decoder fine-tuning steps (0: none)")
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--half", action="store_true", help="store the student's weights in fp16")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("data", help="get the evaluation/training data (package registries only)")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")

@@ -1,0 +1,170 @@
+"""The interactive training loop (SAM-Med3D style) with checkpoints, resume, a JSON log and a progress line.
+
+Per sample: encode the crop once; then 1..``max_clicks`` simulated clicks (click 1 at the crop centre, inside the
+target, as a session places it; each next one at the interior of the largest error region, include where the
+model under-segments), every step fed all clicks so far and the previous low-res logits (detached) as the mask
+prompt; the loss (Dice + binary cross-entropy on logits upsampled to the crop) is averaged over the steps and
+back-propagated through decoder and encoder together. AdamW, linear warm-up then cosine decay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoints import load_model, save_checkpoint
+from ..evaluation.clicks import next_click
+from ..modeling.sam3d import Sam3D
+from .data import AugmentConfig, TrainingData
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch: int = 2
+    lr: float = 4e-4
+    weight_decay: float = 0.01
+    warmup: int = 50
+    max_clicks: int = 5
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    train_encoder: bool = True
+
+
+def segmentation_loss(low: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Dice + BCE of low-res logits (1, 1, L, L, L) upsampled to the target's size (S, S, S); also the hard Dice."""
+    up = F.interpolate(low, size=target.shape, mode="trilinear", align_corners=False)[0, 0]
+    bce = F.binary_cross_entropy_with_logits(up, target)
+    p = torch.sigmoid(up)
+    soft_dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    with torch.no_grad():
+        hard = (up > 0).float()
+        dice = float((2 * (hard * target).sum() + 1e-6) / (hard.sum() + target.sum() + 1e-6))
+    return bce + soft_dice, dice
+
+
+def interactive_sample_loss(
+    model: Sam3D, x: np.ndarray, y: np.ndarray, click0: np.ndarray, n_clicks: int, device, dtype
+) -> tuple[torch.Tensor, list[float]]:
+    """Average loss over ``n_clicks`` simulated clicks on one crop (x, y [x, y, z]); Dice after each."""
+    xt = torch.from_numpy(x).to(device, dtype)[None, None]
+    yt = torch.from_numpy(y).to(device, dtype)
+    emb = model.encode(xt)
+    lr = model.low_res_size
+    prev = torch.zeros(1, 1, lr, lr, lr, device=device, dtype=dtype)
+    clicks, labels = [click0.astype(np.float32)], [1]
+    total, dices = 0.0, []
+    gt_kji = y.transpose(2, 1, 0) > 0  # next_click works on [k, j, i] arrays
+    for step in range(n_clicks):
+        pts = torch.as_tensor(np.stack(clicks), device=device, dtype=dtype)[None]
+        lab = torch.as_tensor(labels, device=device)[None]
+        low, _ = model.decode(emb, pts, lab, prev)
+        loss, d = segmentation_loss(low, yt)
+        total = total + loss
+        dices.append(d)
+        if step + 1 < n_clicks:
+            with torch.no_grad():
+                up = F.interpolate(low, size=y.shape, mode="trilinear", align_corners=False)[0, 0] > 0
+            c = next_click(gt_kji, up.cpu().numpy().transpose(2, 1, 0))
+            if c is None:
+                break
+            clicks.append(np.array(c.ijk, dtype=np.float32))  # (i, j, k) of the [k,j,i] view = (x, y, z)
+            labels.append(1 if c.include else 0)
+            prev = low.detach()
+    return total / len(dices), dices
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train(
+    model: Sam3D,
+    data: TrainingData,
+    out_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    aug: AugmentConfig | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    resume: bool = True,
+    params: list[torch.nn.Parameter] | None = None,
+    tag: str = "train",
+) -> Path:
+    """Train ``model`` in place; checkpoints ``out_dir/{tag}_last.pt`` (+ ``.state.pt`` for the optimizer and RNG)
+    every ``checkpoint_every`` steps and at the end, log lines to ``out_dir/{tag}_log.jsonl``. With ``resume``, a
+    previous run's last checkpoint in ``out_dir`` is continued. Returns the final checkpoint path."""
+    cfg = cfg or TrainConfig()
+    aug = aug or AugmentConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device=device, dtype=dtype).train()
+    if params is None:
+        params = [p for n, p in model.named_parameters() if cfg.train_encoder or not n.startswith("image_encoder.")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ck, state_path, log_path = out / f"{tag}_last.pt", out / f"{tag}_last.state.pt", out / f"{tag}_log.jsonl"
+    start, rng = 0, np.random.default_rng(cfg.seed)
+    if resume and ck.is_file() and state_path.is_file():
+        loaded = load_model(ck, config=model.cfg, device=device, dtype=dtype)
+        model.load_state_dict(loaded.state_dict())
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        start = int(st["step"])
+        rng.bit_generator.state = st["rng"]
+        print(f"resuming {tag} at step {start}", file=sys.stderr)
+    t0 = time.perf_counter()
+    window: list[tuple[float, float]] = []
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        for _ in range(cfg.batch):
+            x, y, c0 = data.sample(rng, model.cfg, aug)
+            loss, dices = interactive_sample_loss(
+                model, x, y, c0, int(rng.integers(1, cfg.max_clicks + 1)), device, dtype
+            )
+            (loss / cfg.batch).backward()
+            window.append((loss.item(), dices[-1]))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            loss_m = float(np.mean([w[0] for w in window]))
+            dice_m = float(np.mean([w[1] for w in window]))
+            window.clear()
+            el = time.perf_counter() - t0
+            rec = {
+                "tag": tag,
+                "step": done,
+                "loss": round(loss_m, 5),
+                "dice": round(dice_m, 4),
+                "lr": round(_lr_at(step, cfg), 7),
+                "elapsed_s": round(el, 1),
+            }
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            rate = (done - start) / el if el > 0 else 0
+            eta = (cfg.steps - done) / rate if rate > 0 else 0
+            print(
+                f"[{tag}] step {done}/{cfg.steps} loss {loss_m:.4f} dice {dice_m:.3f} ({rate:.2f} steps/s, "
+                f"eta {eta / 60:.1f} min)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(model, ck, metadata={"step": done, "tag": tag, "train_config": asdict(cfg)})
+            torch.save({"optimizer": opt.state_dict(), "step": done, "rng": rng.bit_generator.state}, state_path)
+    model.eval()
+    return ck
