@@ -17,6 +17,94 @@ class UsageError(Exception):
     """A problem with what the user asked for; printed as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_triplet(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: expected three numbers separated by commas") from None
+    if len(vals) != 3:
+        raise UsageError(f"{what} {text!r}: expected three numbers, got {len(vals)}")
+    return vals
+
+
+def _to_ijk(img, xyz, coords: str):
+    import numpy as np
+
+    if coords == "ijk":
+        return np.asarray(xyz, dtype=float)
+    lps = np.asarray(xyz, dtype=float) * (np.array([-1.0, -1.0, 1.0]) if coords == "ras" else 1.0)
+    return np.asarray(img.TransformPhysicalPointToContinuousIndex([float(v) for v in lps]))
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoints import load_model
+    from .geometry import read_image
+    from .resources import default_model_path
+    from .session import InteractiveSession
+
+    if not args.point and not args.box:
+        raise UsageError("give at least one --point or --box")
+    img = read_image(args.image)
+    prompts = []
+    for text in args.point or []:
+        pos, _, kind = text.partition(":")
+        kind = kind or "include"
+        if kind not in ("include", "exclude"):
+            raise UsageError(f"point {text!r}: the suffix must be :include or :exclude")
+        prompts.append(("point", _to_ijk(img, _parse_triplet(pos, "point"), args.coords), kind == "include"))
+    for text in args.box or []:
+        vals = text.split(",")
+        if len(vals) != 6:
+            raise UsageError(f"box {text!r}: expected six numbers x0,y0,z0,x1,y1,z1")
+        a = _to_ijk(img, _parse_triplet(",".join(vals[:3]), "box corner"), args.coords)
+        b = _to_ijk(img, _parse_triplet(",".join(vals[3:]), "box corner"), args.coords)
+        prompts.append(("box", (a, b), True))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model or default_model_path(), device=device).prepare_for_inference()
+    memory = None
+    if args.memory:
+        from .memory_bank import MemoryBank
+
+        memory = MemoryBank.load(args.memory, model)
+    session = InteractiveSession(model, memory=memory)
+    session.set_image(img)
+    session.add_segment("segment")
+    for kind, where, include in prompts:
+        if kind == "point":
+            session.add_point(where, include)
+        else:
+            session.add_box(*where)
+        print(
+            f"{kind} at ijk {tuple(round(float(v), 1) for v in (where if kind == 'point' else where[0]))}: "
+            f"{int(session.mask().sum())} voxels, {session.last_timing.get('total_ms', 0):.1f} ms"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    session.save_labelmap(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .resources import default_bank_path, default_model_path, sample_data_dir
+
+    memory = None if args.no_memory else (args.memory or default_bank_path())
+    run_demo(args.model or default_model_path(), args.data or sample_data_dir(), args.out, args.clicks, memory)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoints import detect_architecture, read_checkpoint
 
@@ -260,11 +348,38 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="memsam",
         description="MemorizingSAM: interactive 3D segmentation with SAM-Med3D / FastSAM3D / Memorizing SAM models.",
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "segment",
+        help="segment one structure of an image from points and boxes; write a labelmap with the image's geometry",
+        description="Points and boxes are physical coordinates in mm, RAS (Slicer's convention) by default, LPS "
+        "(SimpleITK/DICOM) with --coords lps, or voxel indices (i, j, k) in the image's own order with --coords ijk. "
+        "Prompts are applied in order, points first, then boxes. The labelmap (1 = the structure) has the input's "
+        "size, spacing, origin and direction.",
+    )
+    p.add_argument("image", help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder")
+    p.add_argument("--point", action="append", metavar="X,Y,Z[:include|exclude]", help="a click; repeatable")
+    p.add_argument("--box", action="append", metavar="X0,Y0,Z0,X1,Y1,Z1", help="two opposite corners")
+    p.add_argument("--coords", choices=["ras", "lps", "ijk"], default="ras")
+    p.add_argument("--model", help="checkpoint (default: the shipped default model)")
+    p.add_argument("--memory", help="memory bank built for the model")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True, help="labelmap to write (.nii.gz, .nrrd)")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("demo", help="segment the shipped sample data with the shipped model from simulated clicks")
+    p.add_argument("--model", help="checkpoint (default: the shipped default model)")
+    p.add_argument("--memory", help="memory bank (default: the shipped one, if present)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--data", help="dataset folder (default: Resources/SampleData)")
+    p.add_argument("--clicks", type=int, default=5)
+    p.add_argument("--out", default="out/demo")
+    p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, dtypes, metadata")
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt): upstream, bare state dict, or ours")
     p.set_defaults(func=_cmd_info)
