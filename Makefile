@@ -21,8 +21,8 @@ test: venv
 	$(PY) -m pytest -q Testing
 
 lint: venv
-	$(VENV)/bin/ruff check MemorizingSAMLib Testing benchmarks
-	$(VENV)/bin/ruff format --check MemorizingSAMLib Testing benchmarks
+	$(VENV)/bin/ruff check MemorizingSAMLib MemorizingSAM Testing benchmarks scripts
+	$(VENV)/bin/ruff format --check MemorizingSAMLib MemorizingSAM Testing benchmarks scripts
 
 bench: venv
 	$(PY) benchmarks/bench_models.py --json
