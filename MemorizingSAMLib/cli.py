@@ -347,6 +347,40 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoints import load_model
+    from .resources import default_model_path
+    from .server import ServerLimits, serve
+
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise UsageError(f"{args.token_file}: empty token file")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        print("memsam serve: warning: listening beyond this machine without --token-file", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model or default_model_path(), device=device).prepare_for_inference()
+    memory = None
+    if args.memory:
+        from .memory_bank import MemoryBank
+
+        memory = MemoryBank.load(args.memory, model)
+    limits = ServerLimits(
+        max_upload_bytes=args.max_upload_mb * 2**20,
+        max_voxels=args.max_voxels,
+        max_sessions=args.max_sessions,
+        idle_timeout_s=args.idle_timeout,
+    )
+    print(f"serving {model.cfg.name} on {device} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    serve(model, args.host, args.port, memory, token, limits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="memsam",
@@ -444,6 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="run folder")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("serve", help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)")
+    p.add_argument("--model", help="checkpoint (default: the shipped default model)")
+    p.add_argument("--memory", help="memory bank for the model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token-file", help="file holding a bearer token that clients must send")
+    p.add_argument("--max-upload-mb", type=int, default=512)
+    p.add_argument("--max-voxels", type=int, default=1024**3)
+    p.add_argument("--max-sessions", type=int, default=16)
+    p.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds before an unused session is dropped")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("data", help="get the evaluation/training data (package registries only)")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")

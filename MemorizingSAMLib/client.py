@@ -1,0 +1,144 @@
+"""RemoteSession: the InteractiveSession calls, served by ``memsam serve`` over HTTP (standard library only).
+
+It keeps a local copy of each segment's mask and applies the changed regions the server returns, so ``mask()``
+costs no round trip. Coordinates as in InteractiveSession: (i, j, k) voxel indices of the volume.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import numpy as np
+import SimpleITK as sitk
+
+from .paste import Region
+from .server import decode_region_into
+from .session import Prompt
+
+
+class RemoteError(RuntimeError):
+    """The server refused a request; the message is the server's."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"server answered {status}: {detail}")
+        self.status = status
+
+
+class RemoteSession:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.sid: str | None = None
+        self.size: tuple[int, int, int] | None = None
+        self.masks: dict[int, np.ndarray] = {}
+        self.last_timing: dict = {}
+
+    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read()).get("detail")
+            except ValueError:
+                detail = e.reason
+            raise RemoteError(e.code, str(detail)) from None
+
+    def _post(self, path: str, payload: dict | None = None):
+        return self._request("POST", path, json.dumps(payload or {}).encode())
+
+    def info(self) -> dict:
+        return self._request("GET", "/info")
+
+    def set_image(self, image, spacing=None, origin=None, direction=None) -> dict:
+        """A path, a SimpleITK image or a [k, j, i] array (with spacing/origin/direction), uploaded once."""
+        if isinstance(image, (str, os.PathLike)):
+            image = sitk.ReadImage(str(image))
+        buf = io.BytesIO()
+        if isinstance(image, sitk.Image):
+            arr = sitk.GetArrayViewFromImage(image)
+            spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+        else:
+            arr = np.asarray(image)
+        np.savez_compressed(
+            buf,
+            array=arr,
+            spacing=np.asarray(spacing or (1, 1, 1), float),
+            origin=np.asarray(origin or (0, 0, 0), float),
+            direction=np.asarray(direction if direction is not None else np.eye(3), float).reshape(-1),
+        )
+        if self.sid:
+            self.close()
+        r = self._request("POST", "/sessions?format=npz", buf.getvalue(), "application/octet-stream")
+        self.sid, self.size = r["session"], tuple(r["size"])
+        self.masks.clear()
+        return r
+
+    def add_segment(self, name: str | None = None) -> int:
+        q = f"?name={urllib.request.quote(name)}" if name else ""
+        seg = self._request("POST", f"/sessions/{self.sid}/segments{q}", b"{}")["segment"]
+        self.masks[seg] = np.zeros(self.size[::-1], np.uint8)
+        self.active = seg
+        return seg
+
+    def _apply(self, seg: int, reply: dict) -> Region | None:
+        self.last_timing = reply.get("timing") or {}
+        return decode_region_into(self.masks[seg], reply.get("region"))
+
+    def add_point(self, ijk, include: bool = True, segment: int | None = None) -> Region | None:
+        seg = self.active if segment is None else segment
+        r = self._post(
+            f"/sessions/{self.sid}/segments/{seg}/points", {"ijk": [float(v) for v in ijk], "include": bool(include)}
+        )
+        return self._apply(seg, r)
+
+    def add_box(self, ijk_min, ijk_max, segment: int | None = None) -> Region | None:
+        seg = self.active if segment is None else segment
+        r = self._post(
+            f"/sessions/{self.sid}/segments/{seg}/boxes",
+            {"ijk_min": [float(v) for v in ijk_min], "ijk_max": [float(v) for v in ijk_max]},
+        )
+        return self._apply(seg, r)
+
+    def set_prompts(self, prompts: list[Prompt], segment: int | None = None) -> Region | None:
+        seg = self.active if segment is None else segment
+        body = {
+            "prompts": [
+                {"ijk": list(p.ijk), "include": p.include, "box_hi": list(p.box_hi) if p.box_hi else None}
+                for p in prompts
+            ]
+        }
+        return self._apply(seg, self._post(f"/sessions/{self.sid}/segments/{seg}/prompts", body))
+
+    def undo(self, segment: int | None = None) -> Region | None:
+        seg = self.active if segment is None else segment
+        return self._apply(seg, self._post(f"/sessions/{self.sid}/segments/{seg}/undo"))
+
+    def redo(self, segment: int | None = None) -> Region | None:
+        seg = self.active if segment is None else segment
+        return self._apply(seg, self._post(f"/sessions/{self.sid}/segments/{seg}/redo"))
+
+    def reset(self, segment: int | None = None) -> Region | None:
+        seg = self.active if segment is None else segment
+        return self._apply(seg, self._post(f"/sessions/{self.sid}/segments/{seg}/reset"))
+
+    def mask(self, segment: int | None = None) -> np.ndarray:
+        return self.masks[self.active if segment is None else segment]
+
+    def close(self) -> None:
+        if self.sid:
+            try:
+                self._request("DELETE", f"/sessions/{self.sid}")
+            except RemoteError:
+                pass
+            self.sid = None

@@ -1,0 +1,195 @@
+"""The inference server as a real process on 127.0.0.1, driven by RemoteSession and raw HTTP."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
+from MemorizingSAMLib.client import RemoteError, RemoteSession
+from MemorizingSAMLib.modeling import build_sam3d
+from MemorizingSAMLib.session import InteractiveSession, Prompt
+
+TOKEN = "s3cret-token"
+SPACING = (1.1, 0.9, 2.0)
+
+
+def volume(seed=0):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(100, 10, (24, 48, 56)).astype(np.float32)
+    v[6:18, 12:36, 14:40] += 300
+    return v
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    m = build_sam3d("memsam_tiny_student")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_checkpoint(m, tmp_path_factory.mktemp("m") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    port = free_port()
+    tok = tmp_path_factory.mktemp("t") / "token"
+    tok.write_text(TOKEN + "\n")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "MemorizingSAMLib.cli",
+            "serve",
+            "--model",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--token-file",
+            str(tok),
+            "--max-upload-mb",
+            "1",
+            "--max-sessions",
+            "12",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read()) from None
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def local_masks(ckpt, clicks, seed=0):
+    s = InteractiveSession(load_model(ckpt).prepare_for_inference())
+    s.set_image(volume(seed), spacing=SPACING)
+    s.add_segment()
+    out = []
+    for ijk, inc in clicks:
+        s.add_point(ijk, inc)
+        out.append(s.mask().copy())
+    return out
+
+
+def random_clicks(seed, n):
+    rng = np.random.default_rng(seed)
+    return [
+        ((float(rng.integers(14, 40)), float(rng.integers(12, 36)), float(rng.integers(6, 18))), bool(i % 3 != 2))
+        for i in range(n)
+    ]
+
+
+def test_info_and_schema(server):
+    info = RemoteSession(server, TOKEN).info()
+    assert info["model"] == "memsam_tiny_student" and info["limits"]["max_upload_bytes"] == 2**20
+    schema = json.loads(urllib.request.urlopen(server + "/openapi.json").read())
+    assert "/sessions/{sid}/segments/{seg}/points" in schema["paths"]
+
+
+def test_remote_equals_in_process_with_undo_redo_and_prompts(server, ckpt):
+    clicks = random_clicks(1, 5)
+    expected = local_masks(ckpt, clicks)
+    r = RemoteSession(server, TOKEN)
+    r.set_image(volume(), spacing=SPACING)
+    r.add_segment()
+    for (ijk, inc), want in zip(clicks, expected):
+        r.add_point(ijk, inc)
+        assert np.array_equal(r.mask(), want)
+    r.undo()
+    assert np.array_equal(r.mask(), expected[-2])
+    r.redo()
+    assert np.array_equal(r.mask(), expected[-1])
+    r.set_prompts([Prompt(clicks[0][0], True)])
+    assert np.array_equal(r.mask(), expected[0])
+    r.close()
+
+
+def test_eight_concurrent_clients_thirty_clicks(server, ckpt):
+    def client(k):
+        clicks = random_clicks(100 + k, 30)
+        r = RemoteSession(server, TOKEN)
+        r.set_image(volume(k), spacing=SPACING)
+        r.add_segment()
+        got = []
+        for ijk, inc in clicks:
+            r.add_point(ijk, inc)
+            got.append(r.mask().copy())
+        r.close()
+        return k, clicks, got
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(client, range(8)))
+    for k, clicks, got in results:
+        want = local_masks(ckpt, clicks, seed=k)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), f"client {k} differs"
+
+
+def raw(server, method, path, body=b"", token=TOKEN, ctype="application/json"):
+    req = urllib.request.Request(server + path, data=body, method=method)
+    req.add_header("Content-Type", ctype)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_4xx_and_server_keeps_serving(server):
+    r = RemoteSession(server, TOKEN)
+    r.set_image(volume(), spacing=SPACING)
+    seg = r.add_segment()
+    cases = [
+        (
+            raw(server, "POST", "/sessions?format=npz", b"x" * (2**20 + 10), ctype="application/octet-stream"),
+            413,
+            "limit",
+        ),
+        (
+            raw(server, "POST", "/sessions?format=npz", b"not an npz", ctype="application/octet-stream"),
+            400,
+            "cannot read",
+        ),
+        (raw(server, "POST", f"/sessions/{r.sid}/segments/{seg}/points", b"{not json"), 422, ""),
+        (raw(server, "POST", f"/sessions/{r.sid}/segments/{seg}/points", b'{"include": true}'), 422, "ijk"),
+        (raw(server, "POST", "/sessions/nope/segments", b"{}"), 404, "no session"),
+        (raw(server, "POST", f"/sessions/{r.sid}/segments/99/points", b'{"ijk": [1,1,1]}'), 404, "no segment"),
+        (raw(server, "POST", f"/sessions/{r.sid}/segments/{seg}/points", b'{"ijk": [500, 1, 1]}'), 422, "outside"),
+        (raw(server, "GET", "/info", None, token="wrong"), 401, "token"),
+        (raw(server, "GET", "/info", None, token=None), 401, "token"),
+    ]
+    for (status, body), want, text in cases:
+        assert status == want, (status, body)
+        assert text in json.dumps(body)
+    r.add_point((20, 20, 10))  # the next good request succeeds
+    assert r.mask().shape == (24, 48, 56)
+    with pytest.raises(RemoteError, match="outside"):
+        r.add_point((999, 0, 0))
