@@ -180,10 +180,30 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
     from .memory_bank import MemoryBank, build_bank
 
-    pairs = pair_images_labels(args.images, args.labels)
+    if args.data:
+        from pathlib import Path
+
+        from .datasets import load_dataset, targets
+
+        root = Path(args.data)
+        meta = load_dataset(root)
+        split = None if args.split == "all" else args.split
+        pairs, names = [], {}
+        for case in meta["cases"]:
+            tg = targets(case, split)
+            if tg:
+                pairs.append((case["id"], root / case["image"], root / case["label"], [v for v, _ in tg]))
+                names.update({v: n for v, n in tg})
+        if not pairs:
+            raise UsageError(f"{root}: no '{args.split}' structures")
+    elif args.images and args.labels:
+        pairs = pair_images_labels(args.images, args.labels)
+        names = _label_names(args.label_names, args.images)
+    else:
+        raise UsageError("give --images and --labels, or --data (a 'memsam data fetch' folder)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device).prepare_for_inference()
-    out = build_bank(model, pairs, _label_names(args.label_names, args.images), args.out, layer=args.layer)
+    out = build_bank(model, pairs, names, args.out, layer=args.layer)
     bank = MemoryBank.load(out, model)
     print(
         f"wrote {out}: {len(bank)} entries from {len(pairs)} cases, layer {bank.layer}, "
@@ -426,8 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Images and labels are paired by file name (foo.nii.gz with foo.nii.gz, or foo_image.* with foo_label.*).",
     )
     p.add_argument("--model", required=True, help="checkpoint the bank is for (banks are model-specific)")
-    p.add_argument("--images", required=True, help="folder of images (NIfTI, NRRD, MHA)")
-    p.add_argument("--labels", required=True, help="folder of label maps with the same file names")
+    p.add_argument("--images", help="folder of images (NIfTI, NRRD, MHA)")
+    p.add_argument("--labels", help="folder of label maps with the same file names")
+    p.add_argument("--data", help="instead of --images/--labels: a 'memsam data fetch' folder (its splits apply)")
+    p.add_argument("--split", default="train", choices=["train", "heldout", "all"], help="with --data")
     p.add_argument("--out", required=True, help="bank file to write (atomically)")
     p.add_argument("--label-names", help="JSON {value: name}; default: dataset.json beside the images folder")
     p.add_argument("--layer", type=int, help="encoder block to store (default: the model config's memory layer)")

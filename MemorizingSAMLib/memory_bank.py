@@ -315,27 +315,31 @@ def _progress(done: int, total: int, what: str, stream=sys.stderr) -> None:
 @torch.inference_mode()
 def build_bank(
     model: Sam3D,
-    cases: Iterable[tuple[str, str | os.PathLike | sitk.Image, str | os.PathLike | sitk.Image]],
+    cases: Iterable[tuple],
     label_names: dict[int, str] | None = None,
     out: str | os.PathLike = "bank.msam",
     layer: int | None = None,
     min_voxels: int = 20,
     progress: Callable[[int, int, str], None] | None = _progress,
 ) -> Path:
-    """Build a bank from (case name, image, label map) triples: one entry per structure (label value) per case,
-    its crop centred at the structure's interior-most voxel, exactly as a first click would place it."""
+    """Build a bank from (case name, image, label map[, label values to use]) tuples: one entry per structure
+    (label value) per case, its crop centred at the structure's interior-most voxel, exactly as a first click
+    would place it."""
     layer = model.cfg.memory_layer if layer is None else layer
     if layer < 0:
         raise ValueError(f"model {model.cfg.name} has no memory layer configured; pass layer=")
     p = next(model.parameters())
     cases = list(cases)
     descs, keys, values, entries = [], [], [], []
-    for ci, (name, image, label) in enumerate(cases):
+    for ci, (name, image, label, *allowed) in enumerate(cases):
         img = image if isinstance(image, sitk.Image) else read_image(image)
         lab_img = label if isinstance(label, sitk.Image) else read_image(label)
         lab = sitk.GetArrayViewFromImage(lab_img)
         geom = Geometry.from_sitk(img)
-        for value in sorted(int(v) for v in np.unique(lab) if v != 0):
+        values = sorted(int(v) for v in np.unique(lab) if v != 0)
+        if allowed and allowed[0] is not None:
+            values = [v for v in values if v in set(allowed[0])]
+        for value in values:
             m = lab == value
             if m.sum() < min_voxels:
                 continue
