@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test demo lint bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q Testing
+
+# The shipped default model segments the shipped sample data from simulated clicks (labelmaps, PNG, JSON in out/demo).
+demo: venv
+	$(PY) -m MemorizingSAMLib.cli demo --out out/demo
 
 lint: venv
 	$(VENV)/bin/ruff check MemorizingSAMLib MemorizingSAM Testing benchmarks scripts

@@ -55,17 +55,33 @@ def main(cache, out):
         "name": "MemorizingSAM sample data",
         "layout_version": 1,
         "cases": [
-            {"id": "lung2_crop", "image": "lung2_crop.nii.gz", "label": "lung2_crop_label.nii.gz",
-             "source": "pyradiomics", "split": "heldout", "labels": {"1": "lung2_lesion"}},
-            {"id": "colin27_crop", "image": "colin27_crop.nii.gz", "label": "colin27_crop_label.nii.gz",
-             "source": "mricron", "split": "heldout", "labels": {str(k): v for k, v in keep.items()}},
+            {
+                "id": "lung2_crop",
+                "image": "lung2_crop.nii.gz",
+                "label": "lung2_crop_label.nii.gz",
+                "source": "pyradiomics",
+                "split": "heldout",
+                "labels": {"1": "lung2_lesion"},
+            },
+            {
+                "id": "colin27_crop",
+                "image": "colin27_crop.nii.gz",
+                "label": "colin27_crop_label.nii.gz",
+                "source": "mricron",
+                "split": "heldout",
+                "labels": {str(k): v for k, v in keep.items()},
+            },
         ],
         "sources": {
-            "pyradiomics": {"name": "pyradiomics 3.0.1 source archive (PyPI), data/lung2", "licence": "BSD-3-Clause, "
-                            "Copyright 2017 Harvard Medical School"},
-            "mricron": {"name": "Debian mricron-data 1.2.20211006+dfsg-4: ch2.nii.gz (Colin27) and aal.nii.gz",
-                        "licence": "BSD-3-Clause per Debian (Chris Rorden); AAL atlas: Tzourio-Mazoyer et al., "
-                        "NeuroImage 15:273-289 (2002), its authors' terms apply"},
+            "pyradiomics": {
+                "name": "pyradiomics 3.0.1 source archive (PyPI), data/lung2",
+                "licence": "BSD-3-Clause, Copyright 2017 Harvard Medical School",
+            },
+            "mricron": {
+                "name": "Debian mricron-data 1.2.20211006+dfsg-4: ch2.nii.gz (Colin27) and aal.nii.gz",
+                "licence": "BSD-3-Clause per Debian (Chris Rorden); AAL atlas: Tzourio-Mazoyer et al., "
+                "NeuroImage 15:273-289 (2002), its authors' terms apply",
+            },
         },
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
