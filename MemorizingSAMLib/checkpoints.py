@@ -379,6 +379,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is meant to be shared
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

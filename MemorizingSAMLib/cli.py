@@ -190,6 +190,8 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
         split = None if args.split == "all" else args.split
         pairs, names = [], {}
         for case in meta["cases"]:
+            if args.sources and case["source"] not in args.sources.split(","):
+                continue
             tg = targets(case, split)
             if tg:
                 pairs.append((case["id"], root / case["image"], root / case["label"], [v for v, _ in tg]))
@@ -450,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="folder of label maps with the same file names")
     p.add_argument("--data", help="instead of --images/--labels: a 'memsam data fetch' folder (its splits apply)")
     p.add_argument("--split", default="train", choices=["train", "heldout", "all"], help="with --data")
+    p.add_argument("--sources", help="with --data: comma list of sources to use (e.g. pyradiomics,mricron)")
     p.add_argument("--out", required=True, help="bank file to write (atomically)")
     p.add_argument("--label-names", help="JSON {value: name}; default: dataset.json beside the images folder")
     p.add_argument("--layer", type=int, help="encoder block to store (default: the model config's memory layer)")

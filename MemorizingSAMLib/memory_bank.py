@@ -147,6 +147,7 @@ def write_bank(
             f.truncate(start + offset)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is meant to be shared
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
@@ -336,10 +337,10 @@ def build_bank(
         lab_img = label if isinstance(label, sitk.Image) else read_image(label)
         lab = sitk.GetArrayViewFromImage(lab_img)
         geom = Geometry.from_sitk(img)
-        values = sorted(int(v) for v in np.unique(lab) if v != 0)
+        label_values = sorted(int(v) for v in np.unique(lab) if v != 0)
         if allowed and allowed[0] is not None:
-            values = [v for v in values if v in set(allowed[0])]
-        for value in values:
+            label_values = [v for v in label_values if v in set(allowed[0])]
+        for value in label_values:
             m = lab == value
             if m.sum() < min_voxels:
                 continue

@@ -175,3 +175,10 @@ def test_session_with_bank_retrieves_once_per_embedding(bank_path, model):
     s.add_point((25, 20, 17))
     assert len(calls) == 1
     assert s._provider.last["labels"]
+
+
+def test_build_restricted_to_given_label_values(model, tmp_path):
+    img, lab = labelled_case(0)
+    out = build_bank(model, [("c0", img, lab, [2])], {1: "liver", 2: "kidney"}, tmp_path / "b.msam", progress=None)
+    bank = MemoryBank.load(out, model)
+    assert [e["label"] for e in bank.entries] == ["kidney"]

@@ -28,6 +28,10 @@ def rotation_z(deg):
 
 @pytest.fixture(scope="module")
 def scene():
+    return make_scene()
+
+
+def make_scene():
     """An oblique volume (direction rotated 30 degrees about S, anisotropic voxels) under a parent transform
     (rotation 20 degrees + translation), with two bright ellipsoids."""
     shape = (40, 80, 90)  # [k, j, i]
@@ -76,13 +80,17 @@ def test_points_segments_undo_and_export(scene, model, tmp_path):
     mask = ctl.update("A", io.control_points_world(points), [])
     sid = io.ensure_segment(seg_node, volume, "A")
     io.write_segment(seg_node, sid, volume, mask)
-    dice_a = 2 * (mask.astype(bool) & blob_a).sum() / (mask.sum() + blob_a.sum())
-    assert mask[20, 40, 30] == 1 and dice_a > 0.5, dice_a
+    # "at that structure": the clicked voxel is in the mask and the mask lies inside blob A (a coordinate bug
+    # anywhere on the way from world RAS to IJK puts it elsewhere). The small shipped model under-segments, so
+    # precision, not Dice, is what this checks.
+    precision_a = (mask.astype(bool) & blob_a).sum() / max(1, mask.sum())
+    assert mask[20, 40, 30] == 1 and mask.sum() >= 50 and precision_a > 0.9, precision_a
     first = mask.copy()
     # move the point to blob B: the segment follows
     points.points[0] = world_of(volume, (65, 40, 20))
     moved = ctl.update("A", io.control_points_world(points), []).copy()
     assert moved[20, 40, 65] == 1 and not np.array_equal(moved, first)
+    assert (moved.astype(bool) & blob_b).sum() / moved.sum() > 0.9
     # undo restores the first result exactly, redo the moved one
     assert np.array_equal(ctl.undo("A"), first)
     assert np.array_equal(ctl.redo("A"), moved)

@@ -7,7 +7,8 @@ $M data fetch --out data/eval
 $M train --config memsam_small_teacher --data data/eval --steps 2400 --log-every 25 --out runs/teacher
 $M distill --teacher runs/teacher/train_last.pt --student-config memsam_tiny_student --data data/eval \
   --steps 600 --finetune-steps 300 --half --out runs/student
-$M build-memory --model runs/student/student.pt --data data/eval --split train --out runs/student/bank.msam
+$M build-memory --model runs/student/student.pt --data data/eval --split train --sources pyradiomics,mricron \
+  --out runs/student/bank.msam
 mkdir -p Resources/models
 cp runs/student/student.pt Resources/models/memsam_tiny_student.pt
 cp runs/student/bank.msam Resources/models/memsam_tiny_student.bank.msam
