@@ -376,7 +376,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .checkpoints import load_model
     from .resources import default_model_path
-    from .server import ServerLimits, serve
+    from .server import ServerLimits, model_thread, serve
 
     token = None
     if args.token_file:
@@ -386,12 +386,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print("memsam serve: warning: listening beyond this machine without --token-file", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model or default_model_path(), device=device).prepare_for_inference()
+    worker = model_thread()  # load and serve on the same single thread (see server.model_thread)
+    model = worker.submit(
+        lambda: load_model(args.model or default_model_path(), device=device).prepare_for_inference()
+    ).result()
     memory = None
     if args.memory:
         from .memory_bank import MemoryBank
 
-        memory = MemoryBank.load(args.memory, model)
+        memory = worker.submit(MemoryBank.load, args.memory, model).result()
     limits = ServerLimits(
         max_upload_bytes=args.max_upload_mb * 2**20,
         max_voxels=args.max_voxels,
@@ -399,7 +402,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
     )
     print(f"serving {model.cfg.name} on {device} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    serve(model, args.host, args.port, memory, token, limits)
+    serve(model, args.host, args.port, memory, token, limits, worker)
     return 0
 
 

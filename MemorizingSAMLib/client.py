@@ -6,11 +6,11 @@ costs no round trip. Coordinates as in InteractiveSession: (i, j, k) voxel indic
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,6 +31,11 @@ class RemoteError(RuntimeError):
 class RemoteSession:
     def __init__(self, url: str, token: str | None = None, timeout: float = 120.0):
         self.url = url.rstrip("/")
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"server URL must look like http://host:port, got {url!r}")
+        self._parts = parts
+        self._conn: http.client.HTTPConnection | None = None
         self.token = token
         self.timeout = timeout
         self.sid: str | None = None
@@ -38,21 +43,36 @@ class RemoteSession:
         self.masks: dict[int, np.ndarray] = {}
         self.last_timing: dict = {}
 
+    def _connection(self) -> http.client.HTTPConnection:
+        # One persistent (keep-alive) connection: a new TCP connection per click costs milliseconds.
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+            self._conn = cls(self._parts.hostname, self._parts.port, timeout=self.timeout)
+        return self._conn
+
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
-        req = urllib.request.Request(self.url + path, data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", content_type)
+        headers = {"Content-Type": content_type} if body is not None else {}
         if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in (0, 1):
+            conn = self._connection()
             try:
-                detail = json.loads(e.read()).get("detail")
+                conn.request(method, self._parts.path + path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                break
+            except (http.client.HTTPException, ConnectionError, OSError):
+                conn.close()
+                self._conn = None
+                if attempt:
+                    raise
+        if r.status >= 400:
+            try:
+                detail = json.loads(data).get("detail")
             except ValueError:
-                detail = e.reason
-            raise RemoteError(e.code, str(detail)) from None
+                detail = r.reason
+            raise RemoteError(r.status, str(detail))
+        return json.loads(data)
 
     def _post(self, path: str, payload: dict | None = None):
         return self._request("POST", path, json.dumps(payload or {}).encode())
@@ -85,7 +105,7 @@ class RemoteSession:
         return r
 
     def add_segment(self, name: str | None = None) -> int:
-        q = f"?name={urllib.request.quote(name)}" if name else ""
+        q = f"?name={urllib.parse.quote(name)}" if name else ""
         seg = self._request("POST", f"/sessions/{self.sid}/segments{q}", b"{}")["segment"]
         self.masks[seg] = np.zeros(self.size[::-1], np.uint8)
         self.active = seg
@@ -142,3 +162,6 @@ class RemoteSession:
             except RemoteError:
                 pass
             self.sid = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

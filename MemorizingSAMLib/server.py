@@ -17,7 +17,7 @@ A changed region is {"lo": [i,j,k], "hi": [i,j,k], "data": base64 of zlib-compre
 
 Safety: binds 127.0.0.1 unless told otherwise; a bearer token (constant-time comparison) when configured; caps on
 upload bytes, voxels per volume, sessions (least recently used evicted) and an idle timeout; every bad request
-gets a 4xx naming the problem and the server keeps serving. One model, one lock: requests are served in turn.
+gets a 4xx naming the problem and the server keeps serving. One model, one model thread: requests take turns.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -89,13 +90,22 @@ def read_volume(body: bytes, fmt: str) -> sitk.Image:
             raise ImageError(f"the uploaded bytes are not a readable {fmt} image") from None
 
 
-def create_app(model, memory=None, token: str | None = None, limits: ServerLimits | None = None):
+def create_app(
+    model,
+    memory=None,
+    token: str | None = None,
+    limits: ServerLimits | None = None,
+    worker: ThreadPoolExecutor | None = None,
+):
+    """The FastAPI app. ``worker``: the single thread that runs all model work; pass the one that loaded the
+    model (see ``model_thread``), so that no other thread ever starts a torch thread pool."""
     if FastAPI is None:
         raise RuntimeError("the server needs FastAPI and uvicorn: pip install 'MemorizingSAMLib[server]'")
     limits = limits or ServerLimits()
     app = FastAPI(title="MemorizingSAM inference server", version="1")
     sessions: OrderedDict[str, dict] = OrderedDict()
-    lock = threading.RLock()  # one model: requests take turns; also guards the session table
+    lock = threading.RLock()  # guards the session table
+    worker = worker or model_thread()
     device = str(next(model.parameters()).device)
 
     @app.middleware("http")
@@ -136,8 +146,7 @@ def create_app(model, memory=None, token: str | None = None, limits: ServerLimit
 
     def run(fn):
         try:
-            with lock:
-                return fn()
+            return worker.submit(fn).result()
         except (PromptError, ImageError, ValueError) as e:
             raise HTTPException(422, str(e)) from None
 
@@ -244,6 +253,13 @@ def create_app(model, memory=None, token: str | None = None, limits: ServerLimit
     return app
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread for all model work. torch's OpenMP thread pool belongs to the thread that calls it: work
+    spread over the web framework's threads (or loading on one thread, serving on another) runs several pools on
+    the same cores (measured here: 14-22 ms per click against 6 ms with a single thread)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="memsam-model")
+
+
 def serve(
     model,
     host: str = "127.0.0.1",
@@ -251,7 +267,8 @@ def serve(
     memory=None,
     token: str | None = None,
     limits: ServerLimits | None = None,
+    worker: ThreadPoolExecutor | None = None,
 ) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, memory, token, limits), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(model, memory, token, limits, worker), host=host, port=port, log_level="warning")
