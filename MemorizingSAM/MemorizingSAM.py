@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import threading
 import time
 import unittest
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import qt
@@ -93,6 +93,9 @@ class MemorizingSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._results = queue.Queue()
         self._busy = False
         self._pending = None
+        # One thread for all model work, loading included: torch's thread pool belongs to the calling thread, and
+        # a new thread per click would run several pools on the same cores (slower, see MemorizingSAMLib.server).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="MemorizingSAM")
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -133,6 +136,7 @@ class MemorizingSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.removeObservers()
         self._timer.stop()
+        self._executor.shutdown(wait=False)
 
     # ---------------------------------------------------------------------------------------------- state
     def segmentName(self):
@@ -200,7 +204,7 @@ class MemorizingSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except Exception as e:  # reported on the GUI thread
                 self._results.put(("error", job, e))
 
-        threading.Thread(target=work, daemon=True).start()
+        self._executor.submit(work)
 
     def _deliver(self):
         try:
@@ -259,7 +263,9 @@ class MemorizingSAMLogic(ScriptedLoadableModuleLogic):
         self.modelDescription = ""
         self.lastLatencyMs = 0.0
 
-    def setVolume(self, volume_node, model_path=None, memory_path=None, device="cpu", server_url=None):
+    def setVolume(self, volume_node, model_path=None, memory_path=None, device="cpu", server_url=None, run=None):
+        """``run(fn)`` executes model work (loading) on the thread that will compute the clicks."""
+        run = run or (lambda fn: fn())
         import MemorizingSAMMRML as io
         from MemorizingSAMController import MemorizingSAMController
 
@@ -276,7 +282,7 @@ class MemorizingSAMLogic(ScriptedLoadableModuleLogic):
             session, model = RemoteSession(server_url), None
             self.modelDescription = f"remote {server_url}"
         else:
-            model = load_model(model_path or default_model_path(), device=device).prepare_for_inference()
+            model = run(lambda: load_model(model_path or default_model_path(), device=device).prepare_for_inference())
             session = None
             self.modelDescription = f"{model.cfg.name} on {device}"
         memory = None
