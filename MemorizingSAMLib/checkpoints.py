@@ -19,7 +19,6 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .modeling.config import CONFIGS, EncoderConfig, MaskDecoderConfig, PromptEncoderConfig, Sam3DConfig
 from .modeling.sam3d import Sam3D
 
@@ -374,14 +374,4 @@ def save_checkpoint(
         "metadata": dict(metadata or {}),
         "model_state_dict": sd,
     }
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is meant to be shared
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    return atomic_write(p, lambda f: torch.save(obj, f))

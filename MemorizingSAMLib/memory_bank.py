@@ -22,7 +22,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from .fileio import atomic_write
 from .geometry import CropGrid, Geometry, normalize_crop, read_image, resample_to_crop
 from .modeling.config import Sam3DConfig
 from .modeling.memory_attention import DESCRIPTOR_SPEC, RetrievedMemory, inverse_distance_weights, memory_descriptor
@@ -134,25 +134,16 @@ def write_bank(
     body = json.dumps(header, sort_keys=True).encode()
     header_bytes = json.dumps({"crc32": zlib.crc32(body), "header": header}, sort_keys=True).encode()
     start = _aligned(16 + len(header_bytes))
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes)
-            f.write(b"\0" * (start - 16 - len(header_bytes)))
-            for spec, a in zip(table, arrays.values()):
-                f.seek(start + spec["offset"])
-                f.write(a.tobytes())
-            f.truncate(start + offset)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is meant to be shared
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+
+    def write(f) -> None:
+        f.write(MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes)
+        f.write(b"\0" * (start - 16 - len(header_bytes)))
+        for spec, a in zip(table, arrays.values()):
+            f.seek(start + spec["offset"])
+            f.write(a.tobytes())
+        f.truncate(start + offset)
+
+    return atomic_write(path, write)
 
 
 @dataclass
