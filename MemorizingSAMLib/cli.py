@@ -552,9 +552,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _glue_negative_coordinates(argv: list[str]) -> list[str]:
+    """``--point -12.5,3,4`` would read as an unknown option to argparse: glue such values to their option."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in ("--point", "--box"):
+            nxt = next(it, None)
+            if nxt is not None and nxt.startswith("-") and nxt[1:2].isdigit() or (nxt or "").startswith("-."):
+                out.append(f"{a}={nxt}")
+                continue
+            out.append(a)
+            if nxt is not None:
+                out.append(nxt)
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args = ap.parse_args(_glue_negative_coordinates(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         ap.print_help(sys.stderr)
         return 2

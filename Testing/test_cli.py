@@ -80,3 +80,99 @@ def test_build_memory_from_folders(tmp_path):
         str(out),
     )
     assert r.returncode == 1 and "not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def phantom_file(tmp_path, ext):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MemorizingSAMLib.phantoms import make_phantom
+
+    img, lab, names = make_phantom(1003)
+    img.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # rotated in-plane: not an identity grid
+    lab.CopyInformation(img)
+    path = tmp_path / f"phantom{ext}"
+    sitk.WriteImage(img, str(path))
+    value = next(v for v, n in names.items() if n.startswith(("ellipsoid", "lobed")))
+    gt = sitk.GetArrayFromImage(lab) == value
+    k, j, i = np.argwhere(gt).mean(0).round().astype(int)
+    while not gt[k, j, i]:  # fall back to any voxel of the structure
+        k, j, i = np.argwhere(gt)[len(np.argwhere(gt)) // 2]
+    lps = img.TransformIndexToPhysicalPoint([int(i), int(j), int(k)])
+    return path, img, gt, (i, j, k), (-lps[0], -lps[1], lps[2])
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_segment_writes_labelmap_with_input_geometry_at_the_structure(tmp_path, ext):
+    import numpy as np
+    import SimpleITK as sitk
+
+    path, img, gt, (i, j, k), ras = phantom_file(tmp_path, ext)
+    out = tmp_path / f"labels{ext}"
+    r = run("segment", str(path), "--point", ",".join(f"{v:.3f}" for v in ras), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    back = sitk.ReadImage(str(out))
+    assert back.GetSize() == img.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-6)
+    lab = sitk.GetArrayFromImage(back) > 0
+    # at the prompted structure: the clicked voxel, most of the structure, and a Dice no mask elsewhere could reach
+    # (the small shipped model over-segments this phantom somewhat)
+    overlap = (lab & gt).sum()
+    assert lab[k, j, i] and overlap >= 0.5 * gt.sum() and 2 * overlap / (lab.sum() + gt.sum()) > 0.4
+    # voxel indices give the same result
+    out2 = tmp_path / f"labels_ijk{ext}"
+    r = run("segment", str(path), "--point", f"{i},{j},{k}:include", "--coords", "ijk", "--out", str(out2))
+    assert r.returncode == 0 and np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out2))) > 0, lab)
+
+
+def test_segment_wrong_usage_is_one_line(tmp_path):
+    path, img, gt, ijk, ras = phantom_file(tmp_path, ".nii.gz")
+    other = save_checkpoint(build_sam3d("memsam_small_teacher"), tmp_path / "teacher.pt")
+    torch.save({"model_state_dict": {"conv.weight": torch.zeros(3, 3)}}, tmp_path / "foreign.pth")
+    cases = [
+        (["segment", str(tmp_path / "missing.nii.gz"), "--point", "0,0,0", "--out", "x.nii.gz"], "no such image"),
+        (
+            ["segment", str(path), "--point", "9999,0,0", "--coords", "ijk", "--out", str(tmp_path / "o.nii.gz")],
+            "outside",
+        ),
+        (["segment", str(path), "--point", "1,2", "--out", str(tmp_path / "o.nii.gz")], "three numbers"),
+        (["segment", str(path), "--frobnicate", "--out", str(tmp_path / "o.nii.gz")], "unrecognized arguments"),
+        (
+            [
+                "segment",
+                str(path),
+                "--point",
+                "0,0,0",
+                "--model",
+                str(tmp_path / "foreign.pth"),
+                "--out",
+                str(tmp_path / "o.nii.gz"),
+            ],
+            "not a SAM-Med3D-family checkpoint",
+        ),
+        (
+            [
+                "segment",
+                str(path),
+                "--point",
+                "0,0,0",
+                "--model",
+                str(other),
+                "--memory",
+                "Resources/models/memsam_tiny_student.bank.msam",
+                "--out",
+                str(tmp_path / "o.nii.gz"),
+            ],
+            "encoder",
+        ),
+    ]
+    for args, text in cases:
+        r = run(*args)
+        assert r.returncode != 0, args
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
