@@ -404,6 +404,14 @@ class MemorizingSAMTest(ScriptedLoadableModuleTest):
 
         return SampleData.SampleDataLogic().downloadMRHead()
 
+    @staticmethod
+    def _centre(volume):
+        """The volume's centre voxel (i, j, k) and its position in the volume's own RAS."""
+        centre = np.array(volume.GetImageData().GetCenter())  # Slicer keeps image data in IJK units
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijk_to_ras)
+        return centre, ijk_to_ras.MultiplyPoint([*centre, 1.0])[:3]
+
     def _click(self, logic, segment, ras, include=True):
         node = logic.promptNode("include" if include else "exclude", segment)
         node.AddControlPointWorld(vtk.vtkVector3d(*ras))
@@ -414,10 +422,7 @@ class MemorizingSAMTest(ScriptedLoadableModuleTest):
         volume = self._volume()
         logic = MemorizingSAMLogic()
         logic.setVolume(volume)
-        centre = np.array(volume.GetImageData().GetCenter())
-        ijk_to_ras = vtk.vtkMatrix4x4()
-        volume.GetIJKToRASMatrix(ijk_to_ras)
-        ras = ijk_to_ras.MultiplyPoint([*centre, 1.0])[:3]
+        _, ras = self._centre(volume)
         t0 = time.time()
         self._click(logic, "Segment_1", ras)
         self.delayDisplay(f"first click {time.time() - t0:.2f} s")
@@ -446,10 +451,7 @@ class MemorizingSAMTest(ScriptedLoadableModuleTest):
         volume.SetAndObserveTransformNodeID(transform.GetID())
         logic = MemorizingSAMLogic()
         logic.setVolume(volume)
-        centre = np.array(volume.GetImageData().GetCenter())
-        ijk_to_ras = vtk.vtkMatrix4x4()
-        volume.GetIJKToRASMatrix(ijk_to_ras)
-        local = ijk_to_ras.MultiplyPoint([*centre, 1.0])[:3]
+        centre, local = self._centre(volume)
         world = m.TransformPoint(local)  # where the user sees that voxel
         self._click(logic, "Segment_1", world)
         seg = logic.segmentation
