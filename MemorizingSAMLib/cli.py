@@ -24,6 +24,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _device(args: argparse.Namespace) -> str:
+    """--device if given, else CUDA when available, else CPU."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _parse_triplet(text: str, what: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",")]
@@ -45,8 +52,6 @@ def _to_ijk(img, xyz, coords: str):
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from pathlib import Path
-
-    import torch
 
     from .checkpoints import load_model
     from .geometry import read_image
@@ -70,7 +75,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         a = _to_ijk(img, _parse_triplet(",".join(vals[:3]), "box corner"), args.coords)
         b = _to_ijk(img, _parse_triplet(",".join(vals[3:]), "box corner"), args.coords)
         prompts.append(("box", (a, b), True))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     model = load_model(args.model or default_model_path(), device=device).prepare_for_inference()
     memory = None
     if args.memory:
@@ -175,7 +180,6 @@ def _label_names(path, images_dir) -> dict[int, str]:
 
 
 def _cmd_build_memory(args: argparse.Namespace) -> int:
-    import torch
 
     from .checkpoints import load_model
     from .memory_bank import MemoryBank, build_bank
@@ -203,7 +207,7 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
         names = _label_names(args.label_names, args.images)
     else:
         raise UsageError("give --images and --labels, or --data (a 'memsam data fetch' folder)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     model = load_model(args.model, device=device).prepare_for_inference()
     out = build_bank(model, pairs, names, args.out, layer=args.layer)
     bank = MemoryBank.load(out, model)
@@ -239,8 +243,6 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from .evaluation.baseline import RegionGrowingSegmenter
     from .evaluation.plots import dice_curve, montage
     from .evaluation.runner import EvalConfig, SessionSegmenter, evaluate
@@ -256,7 +258,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         from .checkpoints import load_model
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = _device(args)
         model = load_model(args.model, device=device).prepare_for_inference()
         memory = None
         if args.memory:
@@ -372,8 +374,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from .checkpoints import load_model
     from .resources import default_model_path
     from .server import ServerLimits, model_thread, serve
@@ -385,7 +385,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.token_file}: empty token file")
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print("memsam serve: warning: listening beyond this machine without --token-file", file=sys.stderr)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     worker = model_thread()  # load and serve on the same single thread (see server.model_thread)
     model = worker.submit(
         lambda: load_model(args.model or default_model_path(), device=device).prepare_for_inference()

@@ -38,10 +38,3 @@ class EmbeddingCache:
         self._items.move_to_end(key)
         while len(self._items) > 1 and self.nbytes > self.max_bytes:
             self._items.popitem(last=False)
-
-    def drop(self, predicate) -> int:
-        """Remove the entries whose key satisfies ``predicate``; returns how many."""
-        keys = [k for k in self._items if predicate(k)]
-        for k in keys:
-            del self._items[k]
-        return len(keys)

@@ -79,11 +79,6 @@ def positive_region(low: torch.Tensor, geom: Geometry, grid: CropGrid) -> Region
     return crop_box_to_region(geom, grid, lo, hi)
 
 
-def crop_region(geom: Geometry, grid: CropGrid) -> Region:
-    """The volume voxels that may lie inside the crop at all."""
-    return crop_box_to_region(geom, grid, np.full(3, -0.5), np.full(3, grid.size - 0.5))
-
-
 def axis_permutation(a: np.ndarray, tol: float = 1e-9) -> list[int] | None:
     """For an ijk -> crop affine matrix with one non-zero per row and column (volume axes parallel to the crop's,
     as for almost all clinical volumes), the volume axis feeding each crop axis; None for oblique volumes."""

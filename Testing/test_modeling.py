@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from MemorizingSAMLib.modeling import EncoderConfig, build_sam3d, get_config
-from MemorizingSAMLib.modeling.ops import conv_stride_eq_kernel, conv_transpose_k2s2, patchify
+from MemorizingSAMLib.modeling.ops import conv_stride_eq_kernel, patchify
 from MemorizingSAMLib.modeling.sparse_attention import grouped_attention
 
 
@@ -16,13 +16,17 @@ def test_published_parameter_counts(name, count):
         assert build_sam3d(name).count_parameters() == count
 
 
-def test_conv_transpose_k2s2_equals_module():
+def test_decoder_upscaling_equals_torch_modules():
+    # upscale_to_masks (products in sub-voxel order, one gather at the end) against the literal module chain
     torch.manual_seed(0)
-    conv = nn.ConvTranspose3d(6, 5, kernel_size=2, stride=2).double()
-    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
-    ref = conv(x).permute(0, 2, 3, 4, 1)
-    ours = conv_transpose_k2s2(x.permute(0, 2, 3, 4, 1), conv)
-    assert torch.allclose(ours, ref, atol=1e-12)
+    dec = build_sam3d("memsam_tiny_student").mask_decoder.double()
+    up1, ln, act1, up2, act2 = dec.output_upscaling
+    tokens = torch.randn(2, 512, 96, dtype=torch.float64)
+    hyper = torch.randn(2, 3, 12, dtype=torch.float64)
+    feat = tokens.transpose(1, 2).reshape(2, 96, 8, 8, 8)
+    u = act2(up2(act1(ln(up1(feat)))))  # (2, 12, 32, 32, 32)
+    ref = torch.einsum("bmc,bcdhw->bmdhw", hyper, u)
+    assert torch.allclose(dec.upscale_to_masks(tokens, hyper, 8), ref, atol=1e-10)
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -40,22 +40,6 @@ def conv_stride_eq_kernel(x_cl: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     return F.linear(patchify_channels_last(x_cl, k), w, conv.bias)
 
 
-def conv_transpose_k2s2(x_cl: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
-    """ConvTranspose3d(kernel 2, stride 2) on channel-last (B, D, H, W, Cin) -> (B, 2D, 2H, 2W, Cout).
-
-    out[2d+i, 2h+j, 2w+l, o] = sum_c x[d, h, w, c] * W[c, o, i, j, l] + bias[o]
-    """
-    b, d, h, w, cin = x_cl.shape
-    cout = conv.out_channels
-    # (Cin, Cout, 2, 2, 2) -> (Cin, 2, 2, 2, Cout) so the product comes out channel-last.
-    wmat = conv.weight.permute(0, 2, 3, 4, 1).reshape(cin, 8 * cout)
-    y = torch.matmul(x_cl.reshape(-1, cin), wmat)
-    y = y.view(b, d, h, w, 2, 2, 2, cout).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, 2 * d, 2 * h, 2 * w, cout)
-    if conv.bias is not None:
-        y = y + conv.bias
-    return y
-
-
 class LayerNorm3d(nn.Module):
     """LayerNorm over the channel axis of a 3D feature map (biased variance), parameters ``weight``/``bias``.
 

@@ -76,13 +76,6 @@ def pack_weight(owner: nn.Module, weight2d: torch.Tensor, batch_hint: int = 512)
     return True
 
 
-def unpack(module: nn.Module) -> None:
-    """Drop every packed weight below ``module`` (frees the memory)."""
-    for m in module.modules():
-        if hasattr(m, _ATTR):
-            setattr(m, _ATTR, None)
-
-
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and keys) whose forward takes the packed path when one is cached."""
 
