@@ -371,6 +371,52 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoints import load_model, save_checkpoint
+    from .memory_bank import _progress
+    from .modeling.config import get_config
+    from .training.data import TrainingData
+    from .training.loop import TrainConfig
+    from .training.memory_finetune import memory_finetune
+
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, dtype=torch.float32)
+    data = TrainingData(args.data, split=args.split)
+    sources = [s for s in args.sources.split(",") if s] if args.sources else None
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        warmup=min(50, args.steps),
+        p_memory=args.p_memory,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+    )
+    model, _ = memory_finetune(
+        model,
+        data,
+        args.out,
+        cfg,
+        get_config(args.config),
+        sources,
+        args.k,
+        memory_lr_scale=args.memory_lr_scale,
+        device=args.device,
+        progress=_progress,
+    )
+    out = save_checkpoint(
+        model,
+        f"{args.out}/model.pt",
+        half=args.half,
+        metadata={"init": str(args.model), "memory_finetune_steps": args.steps, "memory_sources": sources},
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -506,6 +552,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="run folder")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser(
+        "finetune-memory",
+        help="fine-tune a model with memory attention active so that it uses a memory bank",
+        description="Converts the model to a config with learned memory gates and mask-aware memory values, builds "
+        "an in-RAM memory of the training structures (from --sources), and trains with the interactive loop; a "
+        "share --p-memory of the samples attends over the k nearest other structures. The weights producing the "
+        "memory layer's keys/values stay frozen. Writes OUT/model.pt; build its bank with build-memory.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint to start from (e.g. a distilled student)")
+    p.add_argument("--config", default="memsam_tiny_memory", help="memory config of the same shapes")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--sources", default="pyradiomics,mricron", help="comma list of sources the memory holds")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--k", type=int, default=3, help="neighbours retrieved")
+    p.add_argument("--p-memory", type=float, default=0.5, help="share of samples trained with memory")
+    p.add_argument("--memory-lr-scale", type=float, default=10.0, help="learning-rate factor of the new memory weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--half", action="store_true", help="store the weights in fp16")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.set_defaults(func=_cmd_finetune_memory)
 
     p = sub.add_parser("serve", help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)")
     p.add_argument("--model", help="checkpoint (default: the shipped default model)")

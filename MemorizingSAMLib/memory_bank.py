@@ -1,13 +1,14 @@
 """Memory banks: build from labelled volumes, store in one memory-mappable file, load, retrieve.
 
-File layout (little-endian), version 1:
+File layout (little-endian), version 2 (version 1, without "foreground", is still read):
 
     8 bytes   magic b"MSAMBANK"
     8 bytes   header length H (uint64)
     H bytes   header, UTF-8 JSON: version, model config, model fingerprint, memory layer, array table
               (name, dtype, shape, offset, crc32), entries' metadata, and the header's own CRC32 of the rest
     ...       arrays at 64-byte aligned offsets: "descriptors" (N, D) float16, "keys" and "values"
-              (N, heads, tokens, head_dim) float16
+              (N, heads, tokens, head_dim) float16, "foreground" (N, tokens) float16: the fraction of each
+              token's patch inside the entry's structure (mask-aware memory values)
 
 Loading checks magic, version, size, CRCs of the header and of the descriptors, and that the bank was built for
 the same model (config and a fingerprint of the weights that produce the memory layer's keys and values). Keys and
@@ -36,11 +37,17 @@ from scipy import ndimage
 from .fileio import atomic_write
 from .geometry import CropGrid, Geometry, normalize_crop, read_image, resample_to_crop
 from .modeling.config import Sam3DConfig
-from .modeling.memory_attention import DESCRIPTOR_SPEC, RetrievedMemory, inverse_distance_weights, memory_descriptor
+from .modeling.memory_attention import (
+    RetrievedMemory,
+    descriptor_spec,
+    inverse_distance_weights,
+    memory_descriptor,
+)
 from .modeling.sam3d import Sam3D
 
 MAGIC = b"MSAMBANK"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _ALIGN = 64
 
 
@@ -60,7 +67,11 @@ def model_fingerprint(model: Sam3D, layer: int) -> str:
             if i < layer
             else [*blk.norm1.state_dict().items(), *blk.attn.qkv.state_dict().items()]
         )
-        tensors += [(f"{i}.{k}", v) for k, v in items]
+        # Memory gates and mask-value vectors do not change keys/values (a block before the memory layer
+        # never uses them); leaving them out keeps a bank valid when a model gains them (memory fine-tuning).
+        tensors += [
+            (f"{i}.{k}", v) for k, v in items if not k.endswith(("memory_gate", "memory_fg", "memory_pos_bias"))
+        ]
     for name, t in tensors:
         flat = t.detach().float().reshape(-1).cpu()
         sample = flat[:: max(1, flat.numel() // 4096)]
@@ -97,14 +108,18 @@ def write_bank(
     values: np.ndarray,
     entries: Sequence[BankEntry],
     extra: dict[str, Any] | None = None,
+    foreground: np.ndarray | None = None,
 ) -> Path:
-    """Write a bank file atomically. descriptors (N, D), keys/values (N, heads, tokens, head_dim); stored fp16."""
+    """Write a bank file atomically. descriptors (N, D), keys/values (N, heads, tokens, head_dim), foreground
+    (N, tokens) or None; stored fp16."""
     n = len(entries)
     arrays = {
         "descriptors": np.ascontiguousarray(descriptors, dtype=np.float16),
         "keys": np.ascontiguousarray(keys, dtype=np.float16),
         "values": np.ascontiguousarray(values, dtype=np.float16),
     }
+    if foreground is not None:
+        arrays["foreground"] = np.ascontiguousarray(foreground, dtype=np.float16)
     for name, a in arrays.items():
         if a.shape[0] != n:
             raise ValueError(f"{name} has {a.shape[0]} rows for {n} entries")
@@ -116,7 +131,7 @@ def write_bank(
                 "dtype": "float16",
                 "shape": list(a.shape),
                 "offset": offset,
-                "crc32": zlib.crc32(a.tobytes()) if name == "descriptors" else None,
+                "crc32": zlib.crc32(a.tobytes()) if name in ("descriptors", "foreground") else None,
             }
         )
         offset = _aligned(offset + a.nbytes)
@@ -125,7 +140,7 @@ def write_bank(
         "model_config": model.cfg.to_dict(),
         "model_fingerprint": model_fingerprint(model, layer),
         "layer": int(layer),
-        "descriptor": DESCRIPTOR_SPEC,
+        "descriptor": descriptor_spec(model.cfg.encoder.memory_descriptor),
         "arrays": table,
         "data_bytes": offset,
         "entries": [e.to_json() for e in entries],
@@ -160,6 +175,8 @@ class MemoryBank:
     entries: list[dict[str, Any]]
     k: int = 3
     local_ratio: float = 0.3
+    foreground: np.ndarray | None = None
+    descriptor_kind: str = "token_mean_std_random_projection"
     _desc_sq: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -191,12 +208,17 @@ class MemoryBank:
             if isinstance(e, MemoryBankError):
                 raise
             raise MemoryBankError(f"{p}: corrupt header ({type(e).__name__})") from None
-        if header.get("version") != VERSION:
-            raise MemoryBankError(f"{p}: bank format version {header.get('version')}, this library reads {VERSION}")
-        if header.get("descriptor") != DESCRIPTOR_SPEC:
+        if header.get("version") not in READABLE_VERSIONS:
             raise MemoryBankError(
-                f"{p}: descriptors of kind {header.get('descriptor')}, this library computes {DESCRIPTOR_SPEC}"
+                f"{p}: bank format version {header.get('version')}, this library reads versions {READABLE_VERSIONS}"
             )
+        desc = header.get("descriptor")
+        try:
+            known = isinstance(desc, dict) and descriptor_spec(desc.get("kind")) == desc
+        except ValueError:
+            known = False
+        if not known:
+            raise MemoryBankError(f"{p}: descriptors of kind {desc}, which this library does not compute")
         start = _aligned(16 + hlen)
         if size < start + header["data_bytes"]:
             raise MemoryBankError(f"{p}: truncated ({size} bytes, {start + header['data_bytes']} expected)")
@@ -221,6 +243,8 @@ class MemoryBank:
             header["entries"],
             k,
             local_ratio,
+            arrays.get("foreground"),
+            desc["kind"],
         )
         if model is not None:
             bank.check_model(model)
@@ -233,8 +257,18 @@ class MemoryBank:
             raise MemoryBankError(f"{self.path}: unreadable model config in the bank ({e})") from None
         if built_for.encoder != model.cfg.encoder:
             raise MemoryBankError(f"{self.path}: built for a {built_for.name} encoder, not this {model.cfg.name} model")
+        if self.descriptor_kind != model.cfg.encoder.memory_descriptor:
+            raise MemoryBankError(
+                f"{self.path}: descriptors of kind {self.descriptor_kind}, {model.cfg.name} retrieves with "
+                f"{model.cfg.encoder.memory_descriptor}"
+            )
         if model_fingerprint(model, self.layer) != self.fingerprint:
             raise MemoryBankError(f"{self.path}: built with other weights than this model's ({model.cfg.name})")
+        if model.cfg.encoder.memory_mask_values and self.foreground is None:
+            raise MemoryBankError(
+                f"{self.path}: {model.cfg.name} needs the structures' masks in the bank (format 2); rebuild it with "
+                "memsam build-memory"
+            )
 
     # ---------------------------------------------------------------------------------------- retrieval
     def nearest(self, query: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,13 +283,14 @@ class MemoryBank:
         vals, idx = torch.topk(d2, k, largest=False)
         return idx, vals.clamp_min(0).sqrt()
 
-    def retrieve_entries(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (k, heads, tokens, head_dim) of entries ``idx`` as float16 tensors, in ``idx`` order.
-        Reads only those entries from the memory-mapped file."""
+    def retrieve_entries(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys and values (k, heads, tokens, head_dim) and foreground fractions (k, tokens) or None of entries
+        ``idx`` as float16 tensors, in ``idx`` order. Reads only those entries from the memory-mapped file."""
         ids = idx.numpy()
         keys = torch.from_numpy(np.stack([self.keys[i] for i in ids]))
         values = torch.from_numpy(np.stack([self.values[i] for i in ids]))
-        return keys, values
+        fg = None if self.foreground is None else torch.from_numpy(np.stack([self.foreground[i] for i in ids]))
+        return keys, values, fg
 
     def provider(self, device: torch.device | str | None = None) -> BankProvider:
         return BankProvider(self, device)
@@ -273,9 +308,9 @@ class BankProvider:
     def retrieve(self, tokens: torch.Tensor) -> RetrievedMemory | None:
         if len(self.bank) == 0 or self.bank.k == 0:
             return None
-        desc = memory_descriptor(tokens)[0]
+        desc = memory_descriptor(tokens, self.bank.descriptor_kind)[0]
         idx, dist = self.bank.nearest(desc)
-        keys, values = self.bank.retrieve_entries(idx)
+        keys, values, fg = self.bank.retrieve_entries(idx)
         dev = tokens.device if self.device is None else self.device
         self.last = {
             "indices": idx.tolist(),
@@ -283,7 +318,11 @@ class BankProvider:
             "labels": [self.bank.entries[i]["label"] for i in idx.tolist()],
         }
         return RetrievedMemory(
-            keys.to(dev), values.to(dev), inverse_distance_weights(dist).to(dev), self.bank.local_ratio
+            keys.to(dev),
+            values.to(dev),
+            inverse_distance_weights(dist).to(dev),
+            self.bank.local_ratio,
+            None if fg is None else fg.to(dev),
         )
 
 
@@ -304,7 +343,41 @@ def _progress(done: int, total: int, what: str, stream=sys.stderr) -> None:
     stream.flush()
 
 
+def token_foreground(mask_crop: np.ndarray, patch: int) -> np.ndarray:
+    """Fraction of each token's patch inside the structure: (S, S, S) crop mask in [0, 1], indexed [x, y, z]
+    -> (G^3,) float32 in the encoder's token order (x slowest, z fastest)."""
+    g = mask_crop.shape[0] // patch
+    m = mask_crop.reshape(g, patch, g, patch, g, patch).astype(np.float32)
+    return m.mean(axis=(1, 3, 5)).reshape(-1)
+
+
 @torch.inference_mode()
+def structure_entry(
+    model: Sam3D, image: sitk.Image, structure: sitk.Image, ijk: np.ndarray, layer: int, mirror: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, CropGrid]:
+    """One memory entry: the crop centred at voxel ``ijk`` of ``image`` (float image) as a first click would
+    place it, and ``structure`` (float32 mask in {0, 1} on the image's grid); ``mirror`` flips the crop left-right
+    (a stand-in for the contralateral twin). Returns descriptor (D,), keys and values (heads, tokens, head_dim),
+    token foreground fractions (tokens,), all float32, and the crop grid."""
+    p = next(model.parameters())
+    geom = Geometry.from_sitk(image)
+    grid = CropGrid.centred_on(geom.ijk_to_ras(ijk), model.cfg.spacing_mm, model.cfg.encoder.img_size)
+    arr = normalize_crop(resample_to_crop(image, grid, model.cfg.pad_value), model.cfg.normalization)
+    mask = resample_to_crop(structure, grid, 0.0)
+    if mirror:
+        arr, mask = arr[::-1], mask[::-1]
+    x = torch.from_numpy(np.ascontiguousarray(arr)).to(p.device, p.dtype)[None, None]
+    k, v, d = model.image_encoder.memory_entry(x, layer)
+    fg = token_foreground(np.ascontiguousarray(mask), model.cfg.encoder.patch_size)
+    return (
+        d[0].float().cpu().numpy(),
+        k[0].float().cpu().numpy(),
+        v[0].float().cpu().numpy(),
+        fg,
+        grid,
+    )
+
+
 def build_bank(
     model: Sam3D,
     cases: Iterable[tuple],
@@ -316,18 +389,17 @@ def build_bank(
 ) -> Path:
     """Build a bank from (case name, image, label map[, label values to use]) tuples: one entry per structure
     (label value) per case, its crop centred at the structure's interior-most voxel, exactly as a first click
-    would place it."""
+    would place it; the structure's mask is stored per token for mask-aware memory values."""
     layer = model.cfg.memory_layer if layer is None else layer
     if layer < 0:
         raise ValueError(f"model {model.cfg.name} has no memory layer configured; pass layer=")
-    p = next(model.parameters())
     cases = list(cases)
-    descs, keys, values, entries = [], [], [], []
+    descs, keys, values, fgs, entries = [], [], [], [], []
     for ci, (name, image, label, *allowed) in enumerate(cases):
         img = image if isinstance(image, sitk.Image) else read_image(image)
+        img = sitk.Cast(img, sitk.sitkFloat32)
         lab_img = label if isinstance(label, sitk.Image) else read_image(label)
         lab = sitk.GetArrayViewFromImage(lab_img)
-        geom = Geometry.from_sitk(img)
         label_values = sorted(int(v) for v in np.unique(lab) if v != 0)
         if allowed and allowed[0] is not None:
             label_values = [v for v in label_values if v in set(allowed[0])]
@@ -335,14 +407,13 @@ def build_bank(
             m = lab == value
             if m.sum() < min_voxels:
                 continue
-            ijk = interior_point(m)
-            grid = CropGrid.centred_on(geom.ijk_to_ras(ijk), model.cfg.spacing_mm, model.cfg.encoder.img_size)
-            arr = normalize_crop(resample_to_crop(img, grid, model.cfg.pad_value), model.cfg.normalization)
-            x = torch.from_numpy(np.ascontiguousarray(arr)).to(p.device, p.dtype)[None, None]
-            k, v, d = model.image_encoder.memory_entry(x, layer)
-            descs.append(d[0].float().cpu().numpy())
-            keys.append(k[0].float().cpu().numpy())
-            values.append(v[0].float().cpu().numpy())
+            structure = sitk.GetImageFromArray(m.astype(np.float32))
+            structure.CopyInformation(lab_img)
+            d, k, v, fg, grid = structure_entry(model, img, structure, interior_point(m), layer)
+            descs.append(d)
+            keys.append(k)
+            values.append(v)
+            fgs.append(fg)
             entries.append(
                 BankEntry(
                     (label_names or {}).get(value, str(value)),
@@ -356,4 +427,6 @@ def build_bank(
             progress(ci + 1, len(cases), name)
     if not entries:
         raise ValueError("no labelled structure found in the given cases")
-    return write_bank(out, model, layer, np.stack(descs), np.stack(keys), np.stack(values), entries)
+    return write_bank(
+        out, model, layer, np.stack(descs), np.stack(keys), np.stack(values), entries, foreground=np.stack(fgs)
+    )

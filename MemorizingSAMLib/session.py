@@ -31,6 +31,7 @@ from .geometry import (
     resample_to_crop,
     validate_image,
 )
+from .modeling.prepared import PreparedEmbedding
 from .modeling.sam3d import Sam3D
 from .paste import Region, positive_region, sample_region
 
@@ -313,7 +314,7 @@ class InteractiveSession:
         return p
 
     # ----------------------------------------------------------------------------------------- computation
-    def _embedding(self, crop: CropGrid) -> torch.Tensor:
+    def _embedding(self, crop: CropGrid) -> PreparedEmbedding:
         mem_key = None if self.memory is None else (id(self.memory), self.memory.k, self.memory.local_ratio)
         key = (self._image_key, crop, mem_key)
         emb = self.cache.get(key)
@@ -322,7 +323,8 @@ class InteractiveSession:
             arr = normalize_crop(arr, self.cfg.normalization)
             x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)[None, None]
             with torch.inference_mode():
-                emb = self.model.encode(x, memory=self._provider)
+                # Prepared once per crop: every click then decodes with the image-side work done (prepared.py).
+                emb = self.model.prepare_embedding(self.model.encode(x, memory=self._provider))
             self.cache.put(key, emb)
         return emb
 

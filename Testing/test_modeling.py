@@ -146,3 +146,68 @@ def test_absorbed_cross_attention_equals_literal(tokens):
     img2 = torch.randn(2, 64, 48, dtype=torch.float64)
     assert torch.allclose(att.tokens_to_image(tok, img, img2), att(tok, img, img2), atol=1e-12)
     assert torch.allclose(att.image_to_tokens(img, tok, tok * 2), att(img, tok, tok * 2), atol=1e-12)
+
+
+def literal_decoder_reference(m, emb, pts, lab, mask, multimask):
+    """The decoder as upstream writes it: dense prompt added to the embedding, every attention in its literal
+    form, all tokens through the final attention (no precomputation, no absorption, no row selection)."""
+    from MemorizingSAMLib.modeling.transformer import DecoderAttention
+
+    dec = m.mask_decoder
+    sparse, dense = m.prompt_encoder((pts, lab), None, mask)
+    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    tokens = torch.cat([out_tokens[None], sparse], dim=1)
+    src = (emb + dense).flatten(2).transpose(1, 2)
+    pos = m.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
+    attn = DecoderAttention.forward
+    queries, keys = tokens, src
+    for i, layer in enumerate(dec.transformer.layers):
+        if i == 0:
+            queries = layer.self_attn(queries, queries, queries)
+        else:
+            q = queries + tokens
+            queries = queries + attn(layer.self_attn, q, q, queries)
+        queries = layer.norm1(queries)
+        q, k = queries + tokens, keys + pos
+        queries = layer.norm2(queries + attn(layer.cross_attn_token_to_image, q, k, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q, k = queries + tokens, keys + pos
+        keys = layer.norm4(keys + attn(layer.cross_attn_image_to_token, k, q, queries))
+    t = dec.transformer
+    q, k = queries + tokens, keys + pos
+    hs = t.norm_final_attn(queries + attn(t.final_attn_token_to_image, q, k, keys))
+    g = emb.shape[-1]
+    x = keys.transpose(1, 2).reshape(1, -1, g, g, g)
+    for layer in dec.output_upscaling:
+        x = layer(x)
+    sel = range(1, dec.num_mask_tokens) if multimask else range(1)
+    hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in sel], dim=1)
+    masks = torch.einsum("bmc,bcxyz->bmxyz", hyper, x)
+    iou = dec.iou_prediction_head(hs[:, 0])
+    return masks, iou[:, 1:] if multimask else iou[:, :1]
+
+
+@pytest.mark.parametrize("clicks", [1, 12, 25])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_prepared_embedding_decoding_equals_the_literal_decoder(clicks, multimask):
+    """The click path (prepared embedding: precomputed first-block projections with the rank-m mask update,
+    absorbed attentions, final attention for the read tokens only) against the literal decoder, in float64."""
+    torch.manual_seed(7)
+    m = build_sam3d("memsam_tiny_student").double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(clicks)
+    emb = torch.randn(1, 96, 8, 8, 8, generator=g, dtype=torch.float64)
+    pts = torch.rand(1, clicks, 3, generator=g, dtype=torch.float64) * 63
+    lab = (torch.rand(1, clicks, generator=g) > 0.3).long()
+    mask = torch.randn(1, 1, 32, 32, 32, generator=g, dtype=torch.float64) * 4
+    with torch.no_grad():
+        ref, ref_iou = literal_decoder_reference(m, emb, pts, lab, mask, multimask)
+        prep = m.prepare_embedding(emb)
+        for e in (emb, prep):
+            low, iou = m.decode(e, pts, lab, mask, multimask_output=multimask)
+            torch.testing.assert_close(low, ref, rtol=0, atol=1e-10)
+            torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-10)
+        # without a mask prompt the prepared embedding falls back to the plain path
+        torch.testing.assert_close(m.decode(prep, pts, lab)[0], m.decode(emb, pts, lab)[0], rtol=0, atol=1e-12)

@@ -40,6 +40,8 @@ class Attention3D(nn.Module):
         sparse_group: int = 2,
         sparse_dilated: bool = False,
         memory_gate: bool = False,
+        memory_mask_values: bool = False,
+        memory_position_bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -55,6 +57,12 @@ class Attention3D(nn.Module):
         if memory_gate:
             # Learned per-head local ratio r = sigmoid(gate) for models we train (0 -> r = 0.5).
             self.memory_gate = nn.Parameter(torch.zeros(num_heads))
+        if memory_mask_values:
+            # e_h of the mask-aware memory values (see config.EncoderConfig.memory_mask_values).
+            self.memory_fg = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+        if memory_position_bias:
+            # beta_h of the same-position memory bias (see config.EncoderConfig.memory_position_bias).
+            self.memory_pos_bias = nn.Parameter(torch.zeros(num_heads))
         if use_rel_pos:
             n = 2 * rel_pos_size - 1
             self.rel_pos_d = nn.Parameter(torch.zeros(n, self.head_dim))
@@ -103,7 +111,9 @@ class Attention3D(nn.Module):
         q, k, v = self.qkv_heads(x)
         out = self.attend(q, k, v, g)
         if memory is not None and memory.active:
-            mem = attend_memory(q, memory, self.scale)
+            mem = attend_memory(
+                q, memory, self.scale, getattr(self, "memory_fg", None), getattr(self, "memory_pos_bias", None)
+            )
             if hasattr(self, "memory_gate"):
                 r = torch.sigmoid(self.memory_gate).view(1, -1, 1, 1).to(out.dtype)
             else:

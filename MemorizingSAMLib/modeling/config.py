@@ -45,6 +45,16 @@ class EncoderConfig:
     sparse_group: int = 2
     # A learned per-head local/memory mixing gate in every attention block (our trained models only).
     memory_gate: bool = False
+    # Mask-aware memory values (our trained models only): a retrieved reference token's value gets
+    # f * e_h added, f the foreground fraction of its patch in the reference's segmentation and e_h a learned
+    # per-head vector, so that memory says what was segmented, not only what the reference looked like.
+    memory_mask_values: bool = False
+    # A learned per-head logit bonus for the memory token at the query's own grid position (our trained models
+    # only): references are crops centred on a structure as this crop is on a click, so "the same place in the
+    # reference" is informative; 0 gives plain content attention.
+    memory_position_bias: bool = False
+    # How memory entries are retrieved (modeling/memory_attention.py lists the kinds).
+    memory_descriptor: str = "token_mean_std_random_projection"
 
     @property
     def grid(self) -> int:
@@ -227,12 +237,29 @@ def memsam_tiny_sparse() -> Sam3DConfig:
     return Sam3DConfig(**{**base.__dict__, "name": "memsam_tiny_sparse", "encoder": enc})
 
 
+def memsam_tiny_memory() -> Sam3DConfig:
+    """The tiny student with learned memory gates, mask-aware memory values and a same-position memory bias,
+    fine-tuned with memory attention active (training/memory_finetune.py)."""
+    base = memsam_tiny_student()
+    enc = EncoderConfig(
+        **{
+            **asdict(base.encoder),
+            "memory_gate": True,
+            "memory_mask_values": True,
+            "memory_position_bias": True,
+            "memory_descriptor": "mirror_pooled_random_projection",
+        }
+    )
+    return Sam3DConfig(**{**base.__dict__, "name": "memsam_tiny_memory", "encoder": enc})
+
+
 CONFIGS = {
     "sam_med3d_vit_b": sam_med3d_vit_b,
     "fastsam3d": fastsam3d,
     "memsam_small_teacher": memsam_small_teacher,
     "memsam_tiny_student": memsam_tiny_student,
     "memsam_tiny_sparse": memsam_tiny_sparse,
+    "memsam_tiny_memory": memsam_tiny_memory,
 }
 
 

@@ -52,6 +52,8 @@ class Block3D(nn.Module):
                 sparse_group=cfg.sparse_group,
                 sparse_dilated=index % 2 == 1,
                 memory_gate=cfg.memory_gate,
+                memory_mask_values=cfg.memory_mask_values,
+                memory_position_bias=cfg.memory_position_bias,
             )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
@@ -123,7 +125,7 @@ class ImageEncoder3D(nn.Module):
         for b in self.blocks[:layer]:
             t = b(t)
         _, k, v = blk.attn.qkv_heads(blk.norm1(t))
-        return k, v, memory_descriptor(t)
+        return k, v, memory_descriptor(t, self.cfg.memory_descriptor)
 
     def forward(self, x: torch.Tensor, return_block_outputs: bool = False, memory: MemoryProvider | None = None):
         """Image embedding (B, out_chans, G, G, G); with ``return_block_outputs`` also the list of every block's

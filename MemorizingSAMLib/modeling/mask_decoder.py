@@ -13,7 +13,8 @@ from torch import nn
 from .config import MaskDecoderConfig
 from .ops import MLP, LayerNorm3d
 from .packed_linear import linear, pack_linears, pack_weight
-from .transformer import TwoWayTransformer
+from .prepared import PreparedEmbedding
+from .transformer import ImageProjections, TwoWayTransformer
 
 
 def _as_linear_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
@@ -95,9 +96,41 @@ class MaskDecoder3D(nn.Module):
         # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
         src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
         pos = image_pe.flatten(2).transpose(1, 2).contiguous()
-        hs, src = self.transformer(src, pos, tokens)
-        selected = range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
-        hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in selected], dim=1)
+        return self._run(src, pos, tokens, None, multimask_output, g)
+
+    def forward_prepared(
+        self,
+        prep: PreparedEmbedding,
+        sparse_prompt_embeddings: torch.Tensor,
+        mask_features: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for a prepared embedding and the mask prompt's features (B, m, G, G, G) before the prompt
+        encoder's last 1x1 convolution (see prepared.py); the same outputs up to rounding."""
+        b = sparse_prompt_embeddings.shape[0]
+        g = prep.embedding.shape[-1]
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
+        z = mask_features.flatten(2).transpose(1, 2)  # (B, N, m)
+        src = torch.baddbmm(prep.tokens_b3, z, prep.w3_t.expand(b, -1, -1))
+        attn = self.transformer.layers[0].cross_attn_token_to_image
+        h = attn.num_heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, N, C_inner) -> (B, h, N, d)
+            return x.view(b, x.shape[1], h, -1).transpose(1, 2)
+
+        proj = ImageProjections(
+            heads(torch.baddbmm(prep.k0, z, prep.mk.expand(b, -1, -1))),
+            heads(torch.baddbmm(prep.v0, z, prep.mv.expand(b, -1, -1))),
+            heads(torch.baddbmm(prep.q0, z, prep.mq.expand(b, -1, -1))).transpose(2, 3),
+        )
+        return self._run(src, prep.pos, tokens, proj, multimask_output, g)
+
+    def _run(self, src, pos, tokens, proj, multimask_output: bool, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        selected = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
+        # Only the IoU token and the selected mask tokens are read after the transformer.
+        hs, src = self.transformer(src, pos, tokens, proj, rows=[0] + [1 + i for i in selected])
+        hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + j]) for j, i in enumerate(selected)], dim=1)
         masks = self.upscale_to_masks(src, hyper, g)
         iou = self.iou_prediction_head(hs[:, 0])
         iou = iou[:, 1:] if multimask_output else iou[:, 0:1]

@@ -122,11 +122,26 @@ class PromptEncoder3D(nn.Module):
 
     def embed_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """(B, 1, 4G, 4G, 4G) mask logits -> (B, C, G, G, G)."""
+        return self.mask_downscaling[-1](self.mask_features(masks))
+
+    def mask_features(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 4G, 4G, 4G) mask logits -> (B, m, G, G, G): the dense path before its last 1x1 convolution."""
         # Few channels: the convolution kernels beat patch-gathering here (measured 59 vs 476 us for the first).
         x = masks
-        for layer in self.mask_downscaling:
+        for layer in self.mask_downscaling[:-1]:
             x = layer(x)
         return x
+
+    def sparse(self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None) -> torch.Tensor:
+        """The sparse embeddings of :meth:`forward` alone (B, N_tokens, C)."""
+        bs = points[0].shape[0] if points is not None else boxes.shape[0] if boxes is not None else 1
+        sparse = self.not_a_point_embed.weight.new_empty(bs, 0, self.cfg.embed_dim)
+        if points is not None:
+            coords, labels = points
+            sparse = torch.cat([sparse, self.embed_points(coords, labels, pad=boxes is None)], dim=1)
+        if boxes is not None:
+            sparse = torch.cat([sparse, self.embed_boxes(boxes).to(sparse.dtype)], dim=1)
+        return sparse
 
     def forward(
         self,
@@ -143,13 +158,9 @@ class PromptEncoder3D(nn.Module):
             if t is not None:
                 bs = t.shape[0]
                 break
-        w = self.not_a_point_embed.weight
-        sparse = w.new_empty(bs, 0, self.cfg.embed_dim)
-        if points is not None:
-            coords, labels = points
-            sparse = torch.cat([sparse, self.embed_points(coords, labels, pad=boxes is None)], dim=1)
-        if boxes is not None:
-            sparse = torch.cat([sparse, self.embed_boxes(boxes).to(sparse.dtype)], dim=1)
+        sparse = self.sparse(points, boxes)
+        if sparse.shape[0] != bs:
+            sparse = sparse.expand(bs, -1, -1)
         if masks is not None:
             dense = self.embed_mask(masks)
         else:

@@ -8,6 +8,7 @@ from torch import nn
 from .config import Sam3DConfig, get_config
 from .image_encoder import ImageEncoder3D
 from .mask_decoder import MaskDecoder3D
+from .prepared import PreparedEmbedding, prepare_embedding
 from .prompt_encoder import PromptEncoder3D
 
 
@@ -44,7 +45,8 @@ class Sam3D(nn.Module):
         """One prompt step.
 
         Args:
-            image_embedding: (B, C, G, G, G) from :meth:`encode`.
+            image_embedding: (B, C, G, G, G) from :meth:`encode`, or :meth:`prepare_embedding` of it (faster
+                for repeated decoding with a mask prompt).
             points: (B, N, 3) crop voxel coordinates in tensor-dim order (x, y, z); labels (B, N) 1/0/-1.
             mask_input: (B, 1, 4G, 4G, 4G) previous low-res logits (raw), or None.
             boxes: (B, 2, 3) corners, only for models with box embeddings.
@@ -52,8 +54,21 @@ class Sam3D(nn.Module):
             low-res logits (B, M, 4G, 4G, 4G) and IoU predictions (B, M); M = 1, or 3 with ``multimask_output``.
         """
         pts = None if points is None else (points, labels)
+        if isinstance(image_embedding, PreparedEmbedding):
+            if mask_input is not None:
+                sparse = self.prompt_encoder.sparse(pts, boxes)
+                z = self.prompt_encoder.mask_features(mask_input)
+                if sparse.shape[0] != z.shape[0]:
+                    sparse = sparse.expand(z.shape[0], -1, -1)
+                return self.mask_decoder.forward_prepared(image_embedding, sparse, z, multimask_output)
+            image_embedding = image_embedding.embedding
         sparse, dense = self.prompt_encoder(pts, boxes, mask_input)
         return self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+
+    def prepare_embedding(self, image_embedding: torch.Tensor) -> PreparedEmbedding:
+        """What every :meth:`decode` of this (1, C, G, G, G) embedding shares, computed once (see prepared.py);
+        pass the result to :meth:`decode` in place of the embedding. Invalid once the weights change."""
+        return prepare_embedding(self, image_embedding)
 
     def prepare_for_inference(self) -> Sam3D:
         """Eval mode plus prepacked CPU weights for the encoder's large products (a no-op on CUDA / float64).

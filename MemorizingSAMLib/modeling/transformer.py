@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,12 +85,39 @@ class DecoderAttention(nn.Module):
         # Logits laid out (B, h*T, N): the softmax over the few keys then runs along a strided axis of length T,
         # which vectorises over N (20 us) where a softmax over a last axis of length 7 does not (300 us).
         logits = torch.baddbmm(kb.reshape(b, h * t, 1), kq.reshape(b, h * t, c), q_img.transpose(1, 2))
+        return self._few_keys_output(logits, v)
+
+    def _few_keys_output(self, logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax over the T keys of logits (B, h*T, N) and the output projection absorbed into the values
+        v (B, h, T, d): (B, N, C_out). Costs ~N h T C_out instead of N C_inner C_out while h T < C_inner."""
+        b, h, t, d = v.shape
+        n = logits.shape[-1]
         p = torch.softmax((logits * d**-0.5).view(b, h, t, n), dim=2)
         w_out = self.out_proj.weight.view(-1, h, d).permute(1, 2, 0)  # (h, d, C_out)
         vo = torch.matmul(v, w_out)  # (B, h, T, C_out)
         return torch.baddbmm(
             self.out_proj.bias.view(1, 1, -1), p.view(b, h * t, n).transpose(1, 2), vo.reshape(b, h * t, -1)
         )
+
+    def tokens_to_projected_image(self, q_tok: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor):
+        """``forward`` for few queries (B, T, C) against image keys/values already projected and split into heads,
+        (B, h, N, d) each (see PreparedEmbedding)."""
+        b, t, _ = q_tok.shape
+        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q_tok)), k_heads, v_heads)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def projected_image_to_tokens(self, q_heads_t: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tensor):
+        """``forward`` for image queries already projected, as (B, h, d, N), against few tokens (B, T, C)."""
+        b, t, _ = k_tok.shape
+        k = self._heads(self.k_proj(k_tok))  # (B, h, T, d)
+        v = self._heads(self.v_proj(v_tok))
+        h, d, n = self.num_heads, k.shape[-1], q_heads_t.shape[-1]
+        logits = torch.matmul(k, q_heads_t).view(b, h * t, n)
+        if not self._absorb(t):
+            p = torch.softmax((logits * d**-0.5).view(b, h, t, n), dim=2)
+            out = torch.matmul(p.transpose(2, 3), v)  # (B, h, N, d)
+            return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        return self._few_keys_output(logits, v)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -103,6 +132,27 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm4 = nn.LayerNorm(dim)
         self.cross_attn_image_to_token = DecoderAttention(dim, num_heads, downsample)
         self.skip_first_layer_pe = skip_first_layer_pe
+
+    def forward_prepared(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, proj: ImageProjections
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with the image-side projections of both cross-attentions given (first block only: they
+        are projections of keys + key_pe and keys as they enter the decoder)."""
+        queries = self._self_attention(queries, query_pe)
+        q = queries + query_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_projected_image(q, proj.k, proj.v))
+        queries = self.norm3(queries + self.mlp(queries))
+        q = queries + query_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token.projected_image_to_tokens(proj.q_t, q, queries))
+        return queries, keys
+
+    def _self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        return self.norm1(queries)
 
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
@@ -133,13 +183,38 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(dim)
 
     def forward(
-        self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
+        self,
+        image: torch.Tensor,
+        image_pe: torch.Tensor,
+        tokens: torch.Tensor,
+        first_projections: ImageProjections | None = None,
+        rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image (B, N_img, C), image_pe (1 or B, N_img, C), tokens (B, T, C) -> (tokens, image) updated."""
+        """image (B, N_img, C), image_pe (1 or B, N_img, C), tokens (B, T, C) -> (tokens, image) updated.
+
+        ``first_projections``: the first block's image-side projections, precomputed (same result). ``rows``:
+        only these output tokens are needed; the final attention (which updates tokens only) runs for them alone
+        and the returned tokens are those rows, in that order.
+        """
         queries, keys = tokens, image
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, image_pe)
+        for i, layer in enumerate(self.layers):
+            if i == 0 and first_projections is not None:
+                queries, keys = layer.forward_prepared(queries, keys, tokens, first_projections)
+            else:
+                queries, keys = layer(queries, keys, tokens, image_pe)
+        if rows is not None:
+            queries, tokens = queries[:, rows], tokens[:, rows]
         q = queries + tokens
         k = keys + image_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image.tokens_to_image(q, k, keys))
         return queries, keys
+
+
+@dataclass
+class ImageProjections:
+    """Image-side projections of the first two-way block, split into heads: k and v of its token-to-image
+    attention (B, h, N, d) and q of its image-to-token attention, transposed (B, h, d, N)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q_t: torch.Tensor

@@ -86,9 +86,16 @@ class TrainingData:
 
     def sample(self, rng: np.random.Generator, cfg: Sam3DConfig, aug: AugmentConfig = AugmentConfig()):
         """(image crop float32 [x, y, z] normalised, label crop float32 {0,1} [x, y, z], click xyz in the crop)."""
+        return self.crop(self.sample_target(rng), rng, cfg, aug)
+
+    def sample_target(self, rng: np.random.Generator) -> Target:
+        """A source uniformly, then one of its targets uniformly."""
         sources = sorted(self.targets)
         t = self.targets[sources[rng.integers(len(sources))]]
-        tgt = t[rng.integers(len(t))]
+        return t[rng.integers(len(t))]
+
+    def crop(self, tgt: Target, rng: np.random.Generator, cfg: Sam3DConfig, aug: AugmentConfig = AugmentConfig()):
+        """The augmented training crop of ``tgt``: see :meth:`sample`."""
         img, lab = self.images[tgt.case], self.labels[tgt.case]
         if rng.random() < aug.p_random_click:
             kji = tgt.voxels_kji[rng.integers(len(tgt.voxels_kji))]

@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 
 from ..checkpoints import load_model, save_checkpoint
 from ..evaluation.clicks import next_click
+from ..modeling.memory_attention import MemoryProvider
 from ..modeling.sam3d import Sam3D
-from .data import AugmentConfig, TrainingData
+from .data import AugmentConfig, Target, TrainingData
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     train_encoder: bool = True
+    # With a memory (train(..., memory=...)): the share of samples encoded with memory attention active.
+    p_memory: float = 0.5
 
 
 def segmentation_loss(low: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -53,12 +57,20 @@ def segmentation_loss(low: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
 
 
 def interactive_sample_loss(
-    model: Sam3D, x: np.ndarray, y: np.ndarray, click0: np.ndarray, n_clicks: int, device, dtype
+    model: Sam3D,
+    x: np.ndarray,
+    y: np.ndarray,
+    click0: np.ndarray,
+    n_clicks: int,
+    device,
+    dtype,
+    memory: MemoryProvider | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Average loss over ``n_clicks`` simulated clicks on one crop (x, y [x, y, z]); Dice after each."""
+    """Average loss over ``n_clicks`` simulated clicks on one crop (x, y [x, y, z]); Dice after each. ``memory``
+    is passed to the encoder."""
     xt = torch.from_numpy(x).to(device, dtype)[None, None]
     yt = torch.from_numpy(y).to(device, dtype)
-    emb = model.encode(xt)
+    emb = model.encode(xt, memory=memory)
     lr = model.low_res_size
     prev = torch.zeros(1, 1, lr, lr, lr, device=device, dtype=dtype)
     clicks, labels = [click0.astype(np.float32)], [1]
@@ -99,12 +111,16 @@ def train(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     resume: bool = True,
-    params: list[torch.nn.Parameter] | None = None,
+    params: list[torch.nn.Parameter] | list[dict] | None = None,
     tag: str = "train",
+    memory: Callable[[Target], MemoryProvider | None] | None = None,
 ) -> Path:
     """Train ``model`` in place; checkpoints ``out_dir/{tag}_last.pt`` (+ ``.state.pt`` for the optimizer and RNG)
     every ``checkpoint_every`` steps and at the end, log lines to ``out_dir/{tag}_log.jsonl``. With ``resume``, a
-    previous run's last checkpoint in ``out_dir`` is continued. Returns the final checkpoint path."""
+    previous run's last checkpoint in ``out_dir`` is continued. Returns the final checkpoint path.
+
+    ``memory(target)`` gives the memory provider for a sample of ``target`` (or None); a share ``cfg.p_memory`` of
+    the samples is encoded with it, the rest without, so that the model works with and without a bank."""
     cfg = cfg or TrainConfig()
     aug = aug or AugmentConfig()
     out = Path(out_dir)
@@ -113,7 +129,9 @@ def train(
     model.to(device=device, dtype=dtype).train()
     if params is None:
         params = [p for n, p in model.named_parameters() if cfg.train_encoder or not n.startswith("image_encoder.")]
+    # params: tensors, or optimizer groups {"params": [...], "lr_scale": s} whose learning rate is s times cfg's
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for g in opt.param_groups for p in g["params"]]
     ck, state_path, log_path = out / f"{tag}_last.pt", out / f"{tag}_last.state.pt", out / f"{tag}_log.jsonl"
     start, rng = 0, np.random.default_rng(cfg.seed)
     if resume and ck.is_file() and state_path.is_file():
@@ -128,13 +146,14 @@ def train(
     window: list[tuple[float, float]] = []
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = _lr_at(step, cfg) * g.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.batch):
-            x, y, c0 = data.sample(rng, model.cfg, aug)
-            loss, dices = interactive_sample_loss(
-                model, x, y, c0, int(rng.integers(1, cfg.max_clicks + 1)), device, dtype
-            )
+            tgt = data.sample_target(rng)
+            x, y, c0 = data.crop(tgt, rng, model.cfg, aug)
+            n_clicks = int(rng.integers(1, cfg.max_clicks + 1))
+            mem = memory(tgt) if memory is not None and rng.random() < cfg.p_memory else None
+            loss, dices = interactive_sample_loss(model, x, y, c0, n_clicks, device, dtype, mem)
             (loss / cfg.batch).backward()
             window.append((loss.item(), dices[-1]))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
