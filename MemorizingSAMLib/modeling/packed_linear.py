@@ -83,6 +83,20 @@ class Linear(nn.Linear):
         return linear(x, self, self.weight, self.bias)
 
 
+# For inputs of a few rows (the decoder's prompt tokens), small weights run faster through the plain BLAS call
+# (measured for 16 rows: 384x192 35 vs 63 us, 384x384 63 vs 73 us) and large ones faster packed (384x2048:
+# 163 vs 280 us); packing only weights from 2^19 elements up made a FastSAM3D click's decoder 11 % faster.
+MIN_PACKED_ELEMENTS_FEW_ROWS = 2**19
+
+
 def pack_linears(module: nn.Module, batch_hint: int) -> int:
-    """Pack every :class:`Linear` below ``module`` for inputs of about ``batch_hint`` rows; returns how many."""
-    return sum(pack_weight(m, m.weight, batch_hint) for m in module.modules() if isinstance(m, Linear))
+    """Pack the :class:`Linear` layers below ``module`` for inputs of about ``batch_hint`` rows (for fewer than
+    64 rows only the large ones, see above); unpack the others. Returns how many were packed."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Linear):
+            if batch_hint >= 64 or m.weight.numel() >= MIN_PACKED_ELEMENTS_FEW_ROWS:
+                n += int(pack_weight(m, m.weight, batch_hint))
+            else:
+                setattr(m, _ATTR, None)
+    return n
