@@ -264,7 +264,8 @@ class MemoryBank:
             )
         if model_fingerprint(model, self.layer) != self.fingerprint:
             raise MemoryBankError(f"{self.path}: built with other weights than this model's ({model.cfg.name})")
-        if model.cfg.encoder.memory_mask_values and self.foreground is None:
+        enc = model.cfg.encoder
+        if (enc.memory_mask_values or enc.memory_prior_embedding) and self.foreground is None:
             raise MemoryBankError(
                 f"{self.path}: {model.cfg.name} needs the structures' masks in the bank (format 2); rebuild it with "
                 "memsam build-memory"

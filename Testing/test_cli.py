@@ -164,7 +164,7 @@ def test_segment_wrong_usage_is_one_line(tmp_path):
                 "--model",
                 str(other),
                 "--memory",
-                "Resources/models/memsam_tiny_student.bank.msam",
+                "Resources/models/memsam_tiny_memory.bank.msam",
                 "--out",
                 str(tmp_path / "o.nii.gz"),
             ],

@@ -58,7 +58,7 @@ def test_token_foreground_fractions_in_token_order():
     np.testing.assert_allclose(fg, expected)
 
 
-def test_bank_stores_masks_and_the_model_reads_them_only_through_its_value_vectors(memory_model, memory_bank_path):
+def test_bank_stores_masks_and_the_model_reads_them_only_through_its_mask_weights(memory_model, memory_bank_path):
     bank = MemoryBank.load(memory_bank_path, memory_model)
     assert bank.foreground.shape == (len(bank), 512)
     assert 0 < float(np.asarray(bank.foreground).max()) <= 1.0  # crops centred on the structures
@@ -67,15 +67,18 @@ def test_bank_stores_masks_and_the_model_reads_them_only_through_its_value_vecto
         ref = memory_model.encode(x, memory=bank.provider())
         bank.foreground = np.zeros_like(np.asarray(bank.foreground))
         no_mask = memory_model.encode(x, memory=bank.provider())
-        fg = memory_model.image_encoder.blocks[memory_model.cfg.memory_layer].attn.memory_fg
-        saved = fg.clone()
-        fg.zero_()
+        enc = memory_model.image_encoder
+        readers = [enc.blocks[memory_model.cfg.memory_layer].attn.memory_fg, enc.memory_prior_vec]
+        saved = [r.clone() for r in readers]
+        for r in readers:
+            r.zero_()
         try:
             zero_e = memory_model.encode(x, memory=MemoryBank.load(memory_bank_path, memory_model).provider())
         finally:
-            fg.copy_(saved)
+            for r, v in zip(readers, saved):
+                r.copy_(v)
     assert (ref - no_mask).abs().max() > 1e-3  # the masks matter
-    torch.testing.assert_close(zero_e, no_mask, rtol=0, atol=1e-6)  # ... only through e_h
+    torch.testing.assert_close(zero_e, no_mask, rtol=0, atol=1e-6)  # ... only through e_h and u
 
 
 def test_mask_aware_model_refuses_a_bank_without_masks(memory_model, memory_bank_path, tmp_path):
@@ -177,3 +180,26 @@ def test_finetune_memory_command_keeps_the_bank_valid_and_the_session_uses_it(ph
     session.add_segment("s")
     session.add_point(np.array([20.0, 20.0, 17.0]))
     assert session._provider.last["labels"]  # retrieval ran on the fine-tuned model's bank
+
+
+def test_memory_prior_route_places_the_mirrored_mask_at_the_tokens():
+    from MemorizingSAMLib.modeling.memory_attention import RetrievedMemory
+
+    enc = perturbed("memsam_tiny_memory").image_encoder
+    g, c = enc.cfg.grid, enc.cfg.out_chans
+    fg = torch.zeros(2, g, g, g)
+    fg[0, 1, 2, 3] = 1.0  # entry 0: one token, x = 1
+    fg[1, 5, 5, 5] = 1.0
+    mem = RetrievedMemory(
+        torch.zeros(2, 6, g**3, 32), torch.zeros(2, 6, g**3, 32), torch.tensor([0.75, 0.25]), 0.3, fg.view(2, -1)
+    )
+    with torch.no_grad():
+        prior = enc.memory_prior(mem, g)
+    u = enc.memory_prior_vec
+    assert prior.shape == (1, c, g, g, g)
+    expected = torch.zeros(g, g, g)
+    expected[1, 2, 3] += 0.375
+    expected[g - 2, 2, 3] += 0.375  # mirrored along tensor axis x (R <-> L)
+    expected[5, 5, 5] += 0.125
+    expected[g - 6, 5, 5] += 0.125
+    torch.testing.assert_close(prior[0], expected[None] * u.view(-1, 1, 1, 1))

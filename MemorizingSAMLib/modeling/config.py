@@ -53,6 +53,10 @@ class EncoderConfig:
     # only): references are crops centred on a structure as this crop is on a click, so "the same place in the
     # reference" is informative; 0 gives plain content attention.
     memory_position_bias: bool = False
+    # A direct route from the retrieved masks to the image embedding (our trained models only): the weighted
+    # foreground fractions of the retrieved entries, mirror-symmetrised, times a learned per-channel vector, added
+    # to the embedding after the neck.
+    memory_prior_embedding: bool = False
     # How memory entries are retrieved (modeling/memory_attention.py lists the kinds).
     memory_descriptor: str = "token_mean_std_random_projection"
 
@@ -247,6 +251,7 @@ def memsam_tiny_memory() -> Sam3DConfig:
             "memory_gate": True,
             "memory_mask_values": True,
             "memory_position_bias": True,
+            "memory_prior_embedding": True,
             "memory_descriptor": "mirror_pooled_random_projection",
         }
     )

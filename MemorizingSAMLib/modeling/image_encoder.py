@@ -86,6 +86,9 @@ class ImageEncoder3D(nn.Module):
         self.patch_embed = PatchEmbed3D(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, g, g, g, cfg.embed_dim))
         self.blocks = nn.ModuleList(Block3D(cfg, i) for i in range(cfg.depth))
+        if cfg.memory_prior_embedding:
+            # u of the memory prior route (see config.EncoderConfig.memory_prior_embedding).
+            self.memory_prior_vec = nn.Parameter(torch.zeros(cfg.out_chans))
         self.neck = nn.ModuleList(
             [
                 nn.Conv3d(cfg.embed_dim, cfg.out_chans, kernel_size=1, bias=False),
@@ -133,10 +136,23 @@ class ImageEncoder3D(nn.Module):
         ``memory.layer`` also attends over what the provider retrieves for the tokens entering it."""
         t = self.embed(x)
         outs = []
+        retrieved = None
         for i, blk in enumerate(self.blocks):
             mem = memory.retrieve(t) if memory is not None and i == memory.layer else None
+            retrieved = mem if mem is not None else retrieved
             t = blk(t, mem)
             if return_block_outputs:
                 outs.append(t)
         emb = self.apply_neck(t)
+        if hasattr(self, "memory_prior_vec") and retrieved is not None and retrieved.active:
+            emb = emb + self.memory_prior(retrieved, emb.shape[-1])
         return (emb, outs) if return_block_outputs else emb
+
+    def memory_prior(self, memory: RetrievedMemory, g: int) -> torch.Tensor:
+        """(1, out_chans, G, G, G): the retrieved entries' foreground fractions, weighted like their memory and
+        averaged with their left-right mirror (tensor axis x), times the learned vector u."""
+        if memory.foreground is None:
+            raise ValueError("this model uses the memory prior: the memory must carry foreground fractions")
+        f = (memory.weights.to(memory.foreground.dtype)[:, None] * memory.foreground).sum(0).view(g, g, g)
+        f = ((f + f.flip(0)) / 2).to(self.memory_prior_vec.dtype)
+        return f[None, None] * self.memory_prior_vec.view(1, -1, 1, 1, 1)

@@ -28,7 +28,7 @@ from ..modeling.sam3d import Sam3D
 from .data import AugmentConfig, Target, TrainingData
 from .loop import TrainConfig, train
 
-MEMORY_PARAMETERS = ("memory_gate", "memory_fg", "memory_pos_bias")
+MEMORY_PARAMETERS = ("memory_gate", "memory_fg", "memory_pos_bias", "memory_prior_vec")
 
 
 def convert_for_memory(
@@ -44,6 +44,8 @@ def convert_for_memory(
         raise ValueError(f"{model.cfg.name} -> {cfg.name}: not the same architecture (missing {new}, {unexpected})")
     with torch.no_grad():
         for name, p in out.named_parameters():
+            if name not in missing:  # parameters the source model had keep their values
+                continue
             if name.endswith("memory_gate"):
                 p.fill_(gate_init)
             elif name.endswith("memory_pos_bias"):
