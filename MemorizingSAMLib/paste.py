@@ -124,10 +124,7 @@ def sample_region(
     return region, positive, inside
 
 
-def _separable_rows(low, a, b, perm, grid: CropGrid, region: Region):
-    """The sampled sub-region, the logits interpolated along the volume's k and j axes ([k', j', c] over the
-    used low-res columns c), and the i axis' interpolation weights (n_i, c). None if no voxel of ``region`` lies
-    in the crop."""
+def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region):
     lsize, s = low.shape[-1], grid.size
     crop_axis_of = {v: c for c, v in enumerate(perm)}  # volume axis -> crop axis
     lo, hi = list(region.lo), list(region.hi)
@@ -138,34 +135,15 @@ def _separable_rows(low, a, b, perm, grid: CropGrid, region: Region):
         coord = a[c, v] * n.astype(np.float64) + b[c]
         ok = np.nonzero((coord >= -0.5) & (coord <= s - 0.5))[0]
         if ok.size == 0:
-            return None
+            return Region(tuple(lo), tuple(lo)), np.zeros((0, 0, 0), bool), None
         lo[v], hi[v] = int(n[ok[0]]), int(n[ok[-1]]) + 1
         weights[v] = _interp_matrix(coord[ok[0] : ok[-1] + 1], lsize, s)
     sub = Region(tuple(lo), tuple(hi))
     lp = low[0, 0].float().cpu().permute(crop_axis_of[2], crop_axis_of[1], crop_axis_of[0])
-    # Only the low-res samples with a non-zero weight take part: a region covering part of the crop contracts
-    # over fewer than L columns (the last step costs voxels x columns).
-    used = []
-    for v in (2, 1, 0):
-        nz = np.flatnonzero(weights[v].numpy().any(0))
-        used.append(slice(int(nz[0]), int(nz[-1]) + 1))
-        weights[v] = weights[v][:, used[-1]]
-    lp = lp[used[0], used[1], used[2]]
-    nk, nj, ni = lp.shape
-    t = (weights[2] @ lp.reshape(nk, -1)).view(-1, nj, ni)  # [k', b, c]
+    t = (weights[2] @ lp.reshape(lsize, -1)).view(-1, lsize, lsize)  # [k', b, c]
     t = torch.matmul(weights[1], t)  # [k', j', c]
-    return sub, t, weights[0]
-
-
-def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region):
-    got = _separable_rows(low, a, b, perm, grid, region)
-    if got is None:
-        lo = region.lo
-        return Region(tuple(lo), tuple(lo)), np.zeros((0, 0, 0), bool), None
-    sub, t, w_i = got
-    positive = _interp_last_axis_positive(t.reshape(-1, t.shape[-1]), w_i.T.contiguous())
-    shape = tuple(h - lo for lo, h in zip(sub.lo[::-1], sub.hi[::-1]))
-    return sub, positive.numpy().reshape(shape), None
+    positive = _interp_last_axis_positive(t.reshape(-1, lsize), weights[0].T.contiguous())
+    return sub, positive.numpy().reshape(hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]), None
 
 
 def _interp_last_axis_positive(rows: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:

@@ -90,8 +90,7 @@ class MaskDecoder3D(nn.Module):
         """image_embeddings (B or 1, C, G, G, G); returns low-res logits (B, M, 4G, 4G, 4G) and IoU (B, M)."""
         b = sparse_prompt_embeddings.shape[0]
         g = image_embeddings.shape[-1]
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
+        tokens = self._tokens(sparse_prompt_embeddings)
         src = image_embeddings + dense_prompt_embeddings
         # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
         src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
@@ -109,8 +108,7 @@ class MaskDecoder3D(nn.Module):
         encoder's last 1x1 convolution (see prepared.py); the same outputs up to rounding."""
         b = sparse_prompt_embeddings.shape[0]
         g = prep.embedding.shape[-1]
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
+        tokens = self._tokens(sparse_prompt_embeddings)
         z = mask_features.flatten(2).transpose(1, 2)  # (B, N, m)
         src = torch.baddbmm(prep.tokens_b3, z, prep.w3_t.expand(b, -1, -1))
         attn = self.transformer.layers[0].cross_attn_token_to_image
@@ -125,6 +123,11 @@ class MaskDecoder3D(nn.Module):
             heads(torch.baddbmm(prep.q0, z, prep.mq.expand(b, -1, -1))).transpose(2, 3),
         )
         return self._run(src, prep.pos, tokens, proj, multimask_output, g)
+
+    def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
+        """Decoder tokens (B, 1 + M + N, C): IoU token, mask tokens, then the sparse prompt embeddings."""
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
 
     def _run(self, src, pos, tokens, proj, multimask_output: bool, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         selected = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
