@@ -68,11 +68,12 @@ def positive_region(low: torch.Tensor, geom: Geometry, grid: CropGrid) -> Region
     the (clamped) neighbouring low-res voxels only, so positives lie within c in [f*l0 - f/2 - 0.5, f*l1 + 3f/2 - 0.5]
     for the positive low-res bounding box [l0, l1].
     """
-    pos = (low[0, 0] > 0).nonzero()
-    if pos.numel() == 0:
+    pos = (low[0, 0] > 0).cpu().numpy()
+    extent = [np.flatnonzero(pos.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if extent[0].size == 0:
         return None
-    l0 = pos.min(0).values.cpu().numpy().astype(np.float64)
-    l1 = pos.max(0).values.cpu().numpy().astype(np.float64)
+    l0 = np.array([e[0] for e in extent], dtype=np.float64)
+    l1 = np.array([e[-1] for e in extent], dtype=np.float64)
     f = grid.size / low.shape[-1]
     lo = np.maximum(f * l0 - f / 2 - 0.5, -0.5)
     hi = np.minimum(f * l1 + 1.5 * f - 0.5, grid.size - 0.5)
@@ -98,33 +99,79 @@ def _interp_matrix(coord: np.ndarray, low_size: int, crop_size: int) -> torch.Te
     i1 = np.minimum(i0 + 1, low_size - 1)
     m = np.zeros((coord.size, low_size), dtype=np.float32)
     rows = np.arange(coord.size)
-    np.add.at(m, (rows, i0), 1 - w)
-    np.add.at(m, (rows, i1), w)
+    m[rows, i0] = 1 - w
+    m[rows, i1] += w  # i1 == i0 at the clamped border: the weights add up to 1 there
     return torch.from_numpy(m)
+
+
+@dataclass
+class Tile:
+    """One box of a sampled region: ``positive`` is a bool [k, j, i] array shaped like ``region``; ``inside`` None
+    when every voxel lies in the crop, else a bool array marking those that do (the others keep what the mask had).
+    ``positive`` may be a view of scratch memory, valid until the next tile is produced."""
+
+    region: Region
+    positive: np.ndarray
+    inside: np.ndarray | None = None
+
+
+class PasteScratch:
+    """Working buffers reused from click to click (an explicit cache: fresh multi-MB buffers every click cost
+    thousands of page faults). ``tile_voxels`` bounds one tile so that its float products stay in cache."""
+
+    def __init__(self, tile_voxels: int = 1 << 19) -> None:
+        self.tile_voxels = tile_voxels
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer of at least ``n`` elements (contents undefined)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(max(n, self.tile_voxels), dtype=dtype)
+            self._buffers[name] = buf
+        return buf[:n]
+
+
+def sample_tiles(
+    low: torch.Tensor, geom: Geometry, grid: CropGrid, region: Region, scratch: PasteScratch | None = None
+):
+    """Threshold the trilinearly interpolated logits at the volume voxels of ``region`` that lie in the crop,
+    tile by tile (an iterator of :class:`Tile`; together the tiles cover the sampled part of ``region``).
+
+    Axis-aligned volumes take a separable path: the region is clipped to the crop, the two outer axes are
+    interpolated once for the whole region (a small [k', j', L] array), and each tile of whole (k', j') rows gets
+    its last axis by one matrix product into scratch memory (no per-voxel gathers, no fresh allocations).
+    Oblique volumes sample every voxel with grid_sample, as one tile.
+    """
+    a, b = ijk_to_crop_affine(geom, grid)
+    perm = axis_permutation(a)
+    if perm is None:
+        positive, inside = _sample_general(low, a, b, grid, region)
+        yield Tile(region, positive, inside)
+        return
+    yield from _sample_separable(low, a, b, perm, grid, region, scratch or PasteScratch())
 
 
 def sample_region(
     low: torch.Tensor, geom: Geometry, grid: CropGrid, region: Region
 ) -> tuple[Region, np.ndarray, np.ndarray | None]:
-    """Threshold the trilinearly interpolated logits at the volume voxels of ``region`` that lie in the crop.
-
-    Returns (sub, positive, inside): ``sub`` is the part of ``region`` that was sampled, ``positive`` a bool
-    [k, j, i] array shaped like ``sub``, and ``inside`` None when every voxel of ``sub`` lies in the crop, else a
-    bool array marking those that do (the others keep whatever the mask had).
-
-    Axis-aligned volumes take a separable path: ``sub`` is clipped to the crop, and three small matrix products
-    (the last one writing [k, j, i] order directly) replace per-voxel sampling. Oblique volumes sample every voxel
-    with grid_sample.
-    """
-    a, b = ijk_to_crop_affine(geom, grid)
-    perm = axis_permutation(a)
-    if perm is not None:
-        return _sample_separable(low, a, b, perm, grid, region)
-    positive, inside = _sample_general(low, a, b, grid, region)
-    return region, positive, inside
+    """:func:`sample_tiles` assembled into one array: (sub, positive, inside) with ``sub`` the sampled part of
+    ``region``, ``positive`` a bool [k, j, i] array shaped like ``sub`` and ``inside`` as in :class:`Tile`."""
+    tiles = [Tile(t.region, t.positive.copy(), t.inside) for t in sample_tiles(low, geom, grid, region)]
+    if len(tiles) == 1 and tiles[0].inside is not None:
+        return tiles[0].region, tiles[0].positive, tiles[0].inside
+    sub = Region(tiles[0].region.lo, tiles[0].region.hi)
+    for t in tiles[1:]:
+        sub = sub.union(t.region)
+    positive = np.zeros(np.subtract(sub.hi, sub.lo)[::-1], dtype=bool)
+    for t in tiles:
+        if not t.region.empty:
+            rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(t.region.slices, sub.lo[::-1]))
+            positive[rel] = t.positive
+    return sub, positive, None
 
 
-def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region):
+def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region, scratch: PasteScratch):
     lsize, s = low.shape[-1], grid.size
     crop_axis_of = {v: c for c, v in enumerate(perm)}  # volume axis -> crop axis
     lo, hi = list(region.lo), list(region.hi)
@@ -135,28 +182,46 @@ def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region):
         coord = a[c, v] * n.astype(np.float64) + b[c]
         ok = np.nonzero((coord >= -0.5) & (coord <= s - 0.5))[0]
         if ok.size == 0:
-            return Region(tuple(lo), tuple(lo)), np.zeros((0, 0, 0), bool), None
+            yield Tile(Region(tuple(lo), tuple(lo)), np.zeros((0, 0, 0), bool))
+            return
         lo[v], hi[v] = int(n[ok[0]]), int(n[ok[-1]]) + 1
         weights[v] = _interp_matrix(coord[ok[0] : ok[-1] + 1], lsize, s)
-    sub = Region(tuple(lo), tuple(hi))
+    nk, nj, ni = hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]
     lp = low[0, 0].float().cpu().permute(crop_axis_of[2], crop_axis_of[1], crop_axis_of[0])
     t = (weights[2] @ lp.reshape(lsize, -1)).view(-1, lsize, lsize)  # [k', b, c]
     t = torch.matmul(weights[1], t)  # [k', j', c]
-    positive = _interp_last_axis_positive(t.reshape(-1, lsize), weights[0].T.contiguous())
-    return sub, positive.numpy().reshape(hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]), None
+    groups = _column_groups(weights[0])
+    # Tiles of whole (k', j') rows: several k' planes when a plane is small, else runs of j' rows of one plane.
+    rows = max(1, scratch.tile_voxels // ni)
+    kstep, jstep = (max(1, rows // nj), nj) if rows >= nj else (1, rows)
+    for k0 in range(0, nk, kstep):
+        k1 = min(nk, k0 + kstep)
+        for j0 in range(0, nj, jstep):
+            j1 = min(nj, j0 + jstep)
+            n = (k1 - k0) * (j1 - j0)
+            src = t[k0:k1, j0:j1].reshape(n, lsize)
+            vals = scratch.get("vals", n * ni, torch.float32).view(n, ni)
+            for c0, c1, l0, l1, w in groups:
+                torch.mm(src[:, l0:l1], w, out=vals[:, c0:c1])
+            pos = scratch.get("positive", n * ni, torch.bool).numpy().reshape(k1 - k0, j1 - j0, ni)
+            # numpy's float -> bool comparison runs ~5x faster than torch.gt here (measured, 2^18 voxels).
+            np.greater(vals.numpy().reshape(pos.shape), 0, out=pos)
+            tile = Region((lo[0], lo[1] + j0, lo[2] + k0), (hi[0], lo[1] + j1, lo[2] + k1))
+            yield Tile(tile, pos)
 
 
-def _interp_last_axis_positive(rows: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """(rows @ w_t) > 0 without materialising the float product: done in blocks of ~1 MB that stay in cache and
-    are thresholded at once (measured 2.5 vs 4.1 ms for a 3.6 M-voxel region)."""
-    n, cols = rows.shape[0], w_t.shape[1]
-    out = torch.empty(n, cols, dtype=torch.bool)
-    block = max(64, 262_144 // max(cols, 1))
-    buf = torch.empty(min(block, n), cols)
-    for s0 in range(0, n, block):
-        m = min(block, n - s0)
-        torch.mm(rows[s0 : s0 + m], w_t, out=buf[:m])
-        torch.gt(buf[:m], 0, out=out[s0 : s0 + m])
+def _column_groups(w: np.ndarray | torch.Tensor, width: int = 80) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """Split an (n, L) interpolation matrix (2 non-zeros per row) into runs of ~``width`` output columns, each with
+    the low-res columns it reads: (c0, c1, l0, l1, weight (l1 - l0, c1 - c0)). Products over only those columns
+    skip the zeros (3.5 M voxels: ~4x fewer multiply-adds, ~25 % faster) and give the same sums."""
+    w_np = np.asarray(w)
+    n = w_np.shape[0]
+    out = []
+    for c0 in range(0, n, width):
+        c1 = min(n, c0 + width)
+        used = np.flatnonzero(w_np[c0:c1].any(0))
+        l0, l1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
+        out.append((c0, c1, l0, l1, torch.from_numpy(np.ascontiguousarray(w_np[c0:c1, l0:l1].T))))
     return out
 
 

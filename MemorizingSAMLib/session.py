@@ -33,7 +33,7 @@ from .geometry import (
 )
 from .modeling.prepared import PreparedEmbedding
 from .modeling.sam3d import Sam3D
-from .paste import Region, positive_region, sample_region
+from .paste import PasteScratch, Region, positive_region, sample_tiles
 
 OVERLAP_POLICIES = ("allow", "protect")
 BOX_STRATEGIES = ("center_click", "center_click_mask_prompt")
@@ -75,20 +75,23 @@ class PromptState:
 
 @dataclass
 class MaskEdit:
-    """Bytes of one segment's mask before (in ``region``) and after (in ``sub``, a part of ``region``; the rest
-    of ``region`` is unchanged): undo and redo restore them exactly."""
+    """One tile of a segment's mask changed by a step: its bits before and after (np.packbits, [k, j, i] C order of
+    ``region``). Masks hold 0/1 only, so unpacking restores either side byte for byte at 1/8 byte per voxel."""
 
     segment: int
     region: Region
     before: np.ndarray
-    sub: Region
     after: np.ndarray
 
     def undo(self, mask: np.ndarray) -> None:
-        mask[self.region.slices] = self.before
+        self._write(mask, self.before)
 
     def redo(self, mask: np.ndarray) -> None:
-        mask[self.sub.slices] = self.after
+        self._write(mask, self.after)
+
+    def _write(self, mask: np.ndarray, bits: np.ndarray) -> None:
+        view = mask[self.region.slices]
+        view[...] = np.unpackbits(bits, count=view.size).reshape(view.shape)
 
 
 @dataclass
@@ -175,6 +178,7 @@ class InteractiveSession:
         self.active: int | None = None
         self._ids = itertools.count(1)
         self.last_timing: dict[str, float] = {}
+        self._scratch = PasteScratch()
 
     # ----------------------------------------------------------------------------------------------- image
     def set_image(
@@ -441,33 +445,36 @@ class InteractiveSession:
         return region
 
     def _commit(self, seg: Segment, before: PromptState, state: PromptState, low: torch.Tensor) -> Region | None:
-        """Write the prediction of ``low`` into the segment's mask and record one undo step."""
+        """Write the prediction of ``low`` into the segment's mask, tile by tile, and record one undo step."""
         geom = self.geometry
         new_region = positive_region(low, geom, state.crop)
         region = (new_region or Region((0, 0, 0), (0, 0, 0))).union(state.last_region)
         box = next((p for p in state.prompts if p.is_box), None)
         edits: list[MaskEdit] = []
         if not region.empty:
-            sub, positive, inside = sample_region(low, geom, state.crop, region)
-            if not sub.empty:
+            for tile in sample_tiles(low, geom, state.crop, region, self._scratch):
+                if tile.region.empty:
+                    continue
+                positive = tile.positive
                 if box is not None and self.options.clamp_to_box:
-                    positive &= _box_mask(sub, box)
+                    positive &= _box_mask(tile.region, box)
                 if self.options.overlap == "protect":
                     for other in self.segments.values():
                         if other.id != seg.id:
-                            positive &= other.mask[sub.slices] == 0
-                current = seg.mask[sub.slices]
-                after = (
-                    positive.view(np.uint8) if inside is None else np.where(inside, positive, current).astype(np.uint8)
-                )
-                if not np.array_equal(current, after):
-                    edits.append(MaskEdit(seg.id, sub, current.copy(), sub, after))
-                    seg.mask[sub.slices] = after
+                            positive &= other.mask[tile.region.slices] == 0
+                current = seg.mask[tile.region.slices]
+                after = positive.view(np.uint8)
+                if tile.inside is not None:
+                    after = np.where(tile.inside, after, current)
+                bits_before, bits_after = np.packbits(current), np.packbits(after)
+                if not np.array_equal(bits_before, bits_after):
+                    edits.append(MaskEdit(seg.id, tile.region, bits_before, bits_after))
+                    np.copyto(current, after)
         state.last_region = new_region
         seg.undo.append(Step(seg.id, before, self._snapshot(state), edits))
         seg.redo.clear()
         seg.state = state
-        return edits[0].region if edits else None
+        return _bounding(edits)
 
     @staticmethod
     def _snapshot(state: PromptState) -> PromptState:
@@ -481,26 +488,22 @@ class InteractiveSession:
         if not seg.undo:
             return None
         step = seg.undo.pop()
-        region = None
         for e in reversed(step.edits):
             e.undo(self.segments[e.segment].mask)
-            region = e.region.union(region)
         seg.state = self._snapshot(step.before)
         seg.redo.append(step)
-        return region
+        return _bounding(step.edits)
 
     def redo(self, segment: int | None = None) -> Region | None:
         seg = self._segment(segment)
         if not seg.redo:
             return None
         step = seg.redo.pop()
-        region = None
         for e in step.edits:
             e.redo(self.segments[e.segment].mask)
-            region = e.region.union(region)
         seg.state = self._snapshot(step.after)
         seg.undo.append(step)
-        return region
+        return _bounding(step.edits)
 
     def reset(self, segment: int | None = None) -> Region | None:
         """Clear a segment's mask and prompts (undoable)."""
@@ -514,9 +517,9 @@ class InteractiveSession:
                 (int(nz[2].min()), int(nz[1].min()), int(nz[0].min())),
                 (int(nz[2].max()) + 1, int(nz[1].max()) + 1, int(nz[0].max()) + 1),
             )
-            old = seg.mask[region.slices].copy()
-            seg.mask[region.slices] = 0
-            edits.append(MaskEdit(seg.id, region, old, region, np.zeros_like(old)))
+            view = seg.mask[region.slices]
+            edits.append(MaskEdit(seg.id, region, np.packbits(view), np.packbits(np.zeros(view.size, np.uint8))))
+            view[...] = 0
         seg.state = PromptState()
         seg.undo.append(Step(seg.id, before, self._snapshot(seg.state), edits))
         seg.redo.clear()
@@ -539,6 +542,14 @@ class InteractiveSession:
         img = sitk.GetImageFromArray(self.labelmap(priority))
         img.CopyInformation(self.image)
         sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def _bounding(edits: list[MaskEdit]) -> Region | None:
+    """The box around the regions of ``edits`` (None if there are none)."""
+    region = None
+    for e in edits:
+        region = e.region.union(region)
+    return region
 
 
 def _box_mask(region: Region, box: Prompt) -> np.ndarray:
