@@ -27,6 +27,10 @@ def test_decoder_upscaling_equals_torch_modules():
     u = act2(up2(act1(ln(up1(feat)))))  # (2, 12, 32, 32, 32)
     ref = torch.einsum("bmc,bcdhw->bmdhw", hyper, u)
     assert torch.allclose(dec.upscale_to_masks(tokens, hyper, 8), ref, atol=1e-10)
+    # inference takes the chunked second product (chunks that do not divide the 4096 rows, batch of 2, 3 masks)
+    dec.UPSCALE_CHUNK_ROWS = 1000
+    with torch.no_grad():
+        assert torch.allclose(dec.upscale_to_masks(tokens, hyper, 8), ref, atol=1e-10)
 
 
 @pytest.mark.parametrize("k", [1, 2])
