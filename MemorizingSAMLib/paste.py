@@ -124,6 +124,8 @@ class PasteScratch:
     def __init__(self, tile_voxels: int = 1 << 19) -> None:
         self.tile_voxels = tile_voxels
         self._buffers: dict[str, torch.Tensor] = {}
+        self.plan_key: tuple | None = None
+        self.plan = None
 
     def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer of at least ``n`` elements (contents undefined)."""
@@ -138,9 +140,9 @@ class PasteScratch:
 def single_threaded() -> Iterator[None]:
     """Run torch's CPU ops in the block on one thread, then restore the thread count.
 
-    The paste's products are small (a few thousand rows x ~10 x ~80 per call): on the 2-core machine a second
-    thread costs more in synchronisation than it gains (A/B in the click loop: paste 9.3 -> 5.7 ms), and on a
-    shared machine a parallel region waits for its slowest thread."""
+    The paste's products are small (a few thousand rows x ~10 x ~80 per call). On this shared 2-core machine a
+    parallel region waits for its slowest thread: in slow phases one thread pasted in 5.7 / 6.5 ms where two took
+    9.3 / 9.8 (A/B in the click loop, two runs); in fast phases two threads were ~0.7 ms faster (4 runs)."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -191,8 +193,19 @@ def sample_region(
     return sub, positive, None
 
 
-def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region, scratch: PasteScratch):
-    lsize, s = low.shape[-1], grid.size
+@dataclass
+class _SeparablePlan:
+    """What a separable paste of one region from one crop needs besides the logits (reused while both repeat)."""
+
+    sub: Region  # the part of the region inside the crop
+    w_k: torch.Tensor  # (k', L) interpolation weights per volume axis
+    w_j: torch.Tensor
+    groups: list  # of the i axis, see _column_groups
+    low_axes: tuple[int, int, int]  # low-res tensor axes feeding volume axes k, j, i
+
+
+def _separable_plan(a, b, perm, grid: CropGrid, region: Region, lsize: int) -> _SeparablePlan | None:
+    s = grid.size
     crop_axis_of = {v: c for c, v in enumerate(perm)}  # volume axis -> crop axis
     lo, hi = list(region.lo), list(region.hi)
     weights = {}
@@ -202,16 +215,29 @@ def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region, scratch: 
         coord = a[c, v] * n.astype(np.float64) + b[c]
         ok = np.nonzero((coord >= -0.5) & (coord <= s - 0.5))[0]
         if ok.size == 0:
-            yield Tile(Region(tuple(lo), tuple(lo)), np.zeros((0, 0, 0), bool))
-            return
+            return None
         lo[v], hi[v] = int(n[ok[0]]), int(n[ok[-1]]) + 1
         weights[v] = _interp_matrix(coord[ok[0] : ok[-1] + 1], lsize, s)
+    axes = (crop_axis_of[2], crop_axis_of[1], crop_axis_of[0])
+    return _SeparablePlan(Region(tuple(lo), tuple(hi)), weights[2], weights[1], _column_groups(weights[0]), axes)
+
+
+def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region, scratch: PasteScratch):
+    lsize = low.shape[-1]
+    # Refinement clicks in one crop usually paste the same region: its plan is kept (one entry).
+    key = (a.tobytes(), b.tobytes(), tuple(perm), grid, region, lsize)
+    if scratch.plan_key != key:
+        scratch.plan_key, scratch.plan = key, _separable_plan(a, b, perm, grid, region, lsize)
+    plan = scratch.plan
+    if plan is None:
+        yield Tile(Region(region.lo, region.lo), np.zeros((0, 0, 0), bool))
+        return
+    lo, hi = plan.sub.lo, plan.sub.hi
     nk, nj, ni = hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]
-    lp = low[0, 0].float().cpu().permute(crop_axis_of[2], crop_axis_of[1], crop_axis_of[0])
+    lp = low[0, 0].float().cpu().permute(*plan.low_axes)
     with single_threaded():
-        t = (weights[2] @ lp.reshape(lsize, -1)).view(-1, lsize, lsize)  # [k', b, c]
-        t = torch.matmul(weights[1], t)  # [k', j', c]
-    groups = _column_groups(weights[0])
+        t = (plan.w_k @ lp.reshape(lsize, -1)).view(-1, lsize, lsize)  # [k', b, c]
+        t = torch.matmul(plan.w_j, t)  # [k', j', c]
     # Tiles of whole (k', j') rows: several k' planes when a plane is small, else runs of j' rows of one plane.
     rows = max(1, scratch.tile_voxels // ni)
     kstep, jstep = (max(1, rows // nj), nj) if rows >= nj else (1, rows)
@@ -223,7 +249,7 @@ def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region, scratch: 
             src = t[k0:k1, j0:j1].reshape(n, lsize)
             vals = scratch.get("vals", n * ni, torch.float32).view(n, ni)
             with single_threaded():
-                for c0, c1, l0, l1, w in groups:
+                for c0, c1, l0, l1, w in plan.groups:
                     torch.mm(src[:, l0:l1], w, out=vals[:, c0:c1])
             pos = scratch.get("positive", n * ni, torch.bool).numpy().reshape(k1 - k0, j1 - j0, ni)
             # numpy's float -> bool comparison runs ~5x faster than torch.gt here (measured, 2^18 voxels).

@@ -392,7 +392,7 @@ class InteractiveSession:
             pts = torch.as_tensor(np.stack(coords), dtype=self.dtype, device=self.device)[None]
             lab = torch.as_tensor(labels, device=self.device)[None]
         with torch.inference_mode():
-            low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes)
+            low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes, iou=False)
         new_state = PromptState(
             crop=crop, prompts=prompts, low_res=low, last_region=state.last_region, locked=state.locked
         )

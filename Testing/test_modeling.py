@@ -213,5 +213,9 @@ def test_prepared_embedding_decoding_equals_the_literal_decoder(clicks, multimas
             low, iou = m.decode(e, pts, lab, mask, multimask_output=multimask)
             torch.testing.assert_close(low, ref, rtol=0, atol=1e-10)
             torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-10)
+            # the click path's decode without the IoU token's work: same logits, no IoU
+            low, iou = m.decode(e, pts, lab, mask, multimask_output=multimask, iou=False)
+            assert iou is None
+            torch.testing.assert_close(low, ref, rtol=0, atol=1e-10)
         # without a mask prompt the prepared embedding falls back to the plain path
         torch.testing.assert_close(m.decode(prep, pts, lab)[0], m.decode(emb, pts, lab)[0], rtol=0, atol=1e-12)

@@ -111,8 +111,10 @@ class MaskDecoder3D(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embeddings (B or 1, C, G, G, G); returns low-res logits (B, M, 4G, 4G, 4G) and IoU (B, M)."""
+        with_iou: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """image_embeddings (B or 1, C, G, G, G); returns low-res logits (B, M, 4G, 4G, 4G) and IoU (B, M), or None
+        with ``with_iou=False`` (the IoU token then skips the final attention and the IoU head)."""
         b = sparse_prompt_embeddings.shape[0]
         g = image_embeddings.shape[-1]
         tokens = self._tokens(sparse_prompt_embeddings)
@@ -120,7 +122,7 @@ class MaskDecoder3D(nn.Module):
         # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
         src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
         pos = image_pe.flatten(2).transpose(1, 2).contiguous()
-        return self._run(src, pos, tokens, None, multimask_output, g)
+        return self._run(src, pos, tokens, None, multimask_output, g, with_iou)
 
     def forward_prepared(
         self,
@@ -128,7 +130,8 @@ class MaskDecoder3D(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         mask_features: torch.Tensor,
         multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with_iou: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward`` for a prepared embedding and the mask prompt's features (B, m, G, G, G) before the prompt
         encoder's last 1x1 convolution (see prepared.py); the same outputs up to rounding."""
         b = sparse_prompt_embeddings.shape[0]
@@ -147,19 +150,27 @@ class MaskDecoder3D(nn.Module):
             heads(torch.baddbmm(prep.v0, z, prep.mv.expand(b, -1, -1))),
             heads(torch.baddbmm(prep.q0, z, prep.mq.expand(b, -1, -1))).transpose(2, 3),
         )
-        return self._run(src, prep.pos, tokens, proj, multimask_output, g)
+        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """Decoder tokens (B, 1 + M + N, C): IoU token, mask tokens, then the sparse prompt embeddings."""
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
 
-    def _run(self, src, pos, tokens, proj, multimask_output: bool, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(
+        self, src, pos, tokens, proj, multimask_output: bool, g: int, with_iou: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         selected = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
-        # Only the IoU token and the selected mask tokens are read after the transformer.
-        hs, src = self.transformer(src, pos, tokens, proj, rows=[0] + [1 + i for i in selected])
-        hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + j]) for j, i in enumerate(selected)], dim=1)
+        # Only the IoU token (if wanted) and the selected mask tokens are read after the transformer.
+        rows = ([0] if with_iou else []) + [1 + i for i in selected]
+        hs, src = self.transformer(src, pos, tokens, proj, rows=rows)
+        first = 1 if with_iou else 0
+        hyper = torch.stack(
+            [self.output_hypernetworks_mlps[i](hs[:, first + j]) for j, i in enumerate(selected)], dim=1
+        )
         masks = self.upscale_to_masks(src, hyper, g)
+        if not with_iou:
+            return masks, None
         iou = self.iou_prediction_head(hs[:, 0])
         iou = iou[:, 1:] if multimask_output else iou[:, 0:1]
         return masks, iou

@@ -41,7 +41,8 @@ class Sam3D(nn.Module):
         mask_input: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         multimask_output: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        iou: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One prompt step.
 
         Args:
@@ -50,6 +51,7 @@ class Sam3D(nn.Module):
             points: (B, N, 3) crop voxel coordinates in tensor-dim order (x, y, z); labels (B, N) 1/0/-1.
             mask_input: (B, 1, 4G, 4G, 4G) previous low-res logits (raw), or None.
             boxes: (B, 2, 3) corners, only for models with box embeddings.
+            iou: False skips the IoU prediction (returned as None); the logits are the same.
         Returns:
             low-res logits (B, M, 4G, 4G, 4G) and IoU predictions (B, M); M = 1, or 3 with ``multimask_output``.
         """
@@ -60,10 +62,11 @@ class Sam3D(nn.Module):
                 z = self.prompt_encoder.mask_features(mask_input)
                 if sparse.shape[0] != z.shape[0]:
                     sparse = sparse.expand(z.shape[0], -1, -1)
-                return self.mask_decoder.forward_prepared(image_embedding, sparse, z, multimask_output)
+                return self.mask_decoder.forward_prepared(image_embedding, sparse, z, multimask_output, iou)
             image_embedding = image_embedding.embedding
         sparse, dense = self.prompt_encoder(pts, boxes, mask_input)
-        return self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+        pe = self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, iou)
 
     def prepare_embedding(self, image_embedding: torch.Tensor) -> PreparedEmbedding:
         """What every :meth:`decode` of this (1, C, G, G, G) embedding shares, computed once (see prepared.py);
