@@ -452,24 +452,30 @@ class InteractiveSession:
         box = next((p for p in state.prompts if p.is_box), None)
         edits: list[MaskEdit] = []
         if not region.empty:
-            for tile in sample_tiles(low, geom, state.crop, region, self._scratch):
-                if tile.region.empty:
-                    continue
-                positive = tile.positive
-                if box is not None and self.options.clamp_to_box:
-                    positive &= _box_mask(tile.region, box)
-                if self.options.overlap == "protect":
-                    for other in self.segments.values():
-                        if other.id != seg.id:
-                            positive &= other.mask[tile.region.slices] == 0
-                current = seg.mask[tile.region.slices]
-                after = positive.view(np.uint8)
-                if tile.inside is not None:
-                    after = np.where(tile.inside, after, current)
-                bits_before, bits_after = np.packbits(current), np.packbits(after)
-                if not np.array_equal(bits_before, bits_after):
-                    edits.append(MaskEdit(seg.id, tile.region, bits_before, bits_after))
-                    np.copyto(current, after)
+            # Tiles are written as they are sampled: should anything fail part-way, the written ones are put back.
+            try:
+                for tile in sample_tiles(low, geom, state.crop, region, self._scratch):
+                    if tile.region.empty:
+                        continue
+                    positive = tile.positive
+                    if box is not None and self.options.clamp_to_box:
+                        positive &= _box_mask(tile.region, box)
+                    if self.options.overlap == "protect":
+                        for other in self.segments.values():
+                            if other.id != seg.id:
+                                positive &= other.mask[tile.region.slices] == 0
+                    current = seg.mask[tile.region.slices]
+                    after = positive.view(np.uint8)
+                    if tile.inside is not None:
+                        after = np.where(tile.inside, after, current)
+                    bits_before, bits_after = np.packbits(current), np.packbits(after)
+                    if not np.array_equal(bits_before, bits_after):
+                        edits.append(MaskEdit(seg.id, tile.region, bits_before, bits_after))
+                        np.copyto(current, after)
+            except BaseException:
+                for e in reversed(edits):
+                    e.undo(seg.mask)
+                raise
         state.last_region = new_region
         seg.undo.append(Step(seg.id, before, self._snapshot(state), edits))
         seg.redo.clear()

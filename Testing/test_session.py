@@ -65,6 +65,34 @@ def test_undo_redo_byte_for_byte(session):
     assert len(session.prompts()) == 3
 
 
+def test_failure_part_way_through_the_paste_changes_nothing(session, monkeypatch):
+    """Tiles are written as they are sampled; if one fails, the written ones are restored and no step is recorded."""
+    import MemorizingSAMLib.session as session_module
+    from MemorizingSAMLib.paste import PasteScratch
+
+    session.add_segment()
+    session.add_point((50, 60, 20))
+    mask, prompts, steps = session.mask().copy(), session.prompts(), len(session.segments[session.active].undo)
+    session._scratch = PasteScratch(tile_voxels=2000)  # many small tiles
+    real = session_module.sample_tiles
+
+    def failing(*args, **kwargs):
+        for n, tile in enumerate(real(*args, **kwargs)):
+            if n == 5:
+                raise RuntimeError("simulated failure")
+            tile.positive[...] = ~tile.positive  # every tile before it really changes the mask
+            yield tile
+
+    monkeypatch.setattr(session_module, "sample_tiles", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        session.add_point((60, 70, 22), include=False)
+    assert np.array_equal(session.mask(), mask)
+    assert session.prompts() == prompts and len(session.segments[session.active].undo) == steps
+    monkeypatch.setattr(session_module, "sample_tiles", real)
+    session.undo()  # the history still works: back to the empty mask
+    assert not session.mask().any()
+
+
 def test_second_segment_leaves_first_alone(session):
     a = session.add_segment("a")
     session.add_point((50, 60, 20))
