@@ -344,18 +344,24 @@ class MemorizingSAMLogic(ScriptedLoadableModuleLogic):
         import MemorizingSAMMRML as io
 
         sid = io.ensure_segment(self.segmentation, self.volume, job["segment"])
-        region = self.controller.session.segments[self.controller.segment_ids[job["segment"]]].undo
-        slices = region[-1].edits[0].sub.slices if region and region[-1].edits else None
-        if slices is None or not io.write_segment_region(self.segmentation, sid, self.volume, mask, slices):
-            io.write_segment(self.segmentation, sid, self.volume, mask)
+        self._writeChanged(sid, mask)
         io.save_prompts(self.segmentation, self.controller.prompts_json())
+
+    def _writeChanged(self, sid, mask):
+        """Copy the part of ``mask`` the last controller call changed; the whole mask when that is unknown or the
+        segment's internal labelmap does not cover the volume."""
+        import MemorizingSAMMRML as io
+
+        region = self.controller.last_region
+        if region is None or not io.write_segment_region(self.segmentation, sid, self.volume, mask, region.slices):
+            io.write_segment(self.segmentation, sid, self.volume, mask)
 
     def history(self, action, segment):
         import MemorizingSAMMRML as io
 
         mask = getattr(self.controller, action)(segment)
         sid = io.ensure_segment(self.segmentation, self.volume, segment)
-        io.write_segment(self.segmentation, sid, self.volume, mask)
+        self._writeChanged(sid, mask)
         io.save_prompts(self.segmentation, self.controller.prompts_json())
 
     def export(self, path):

@@ -39,6 +39,9 @@ class MemorizingSAMController:
         self.segment_ids: dict[str, int] = {}
         self.prompts: dict[str, SegmentPrompts] = {}
         self.last_latency_ms = 0.0
+        # The box of the mask the last update/undo/redo/reset changed (a MemorizingSAMLib Region), None if none:
+        # the module copies only that part into the segment.
+        self.last_region = None
 
     def set_volume(self, image) -> None:
         self.session.set_image(image)
@@ -65,7 +68,7 @@ class MemorizingSAMController:
             prompts.append(Prompt(tuple(lo), True, tuple(hi)))
         prompts += [Prompt(tuple(self.world_to_ijk(np.asarray(p))), True) for p in include_world]
         prompts += [Prompt(tuple(self.world_to_ijk(np.asarray(p))), False) for p in exclude_world]
-        self.session.set_prompts(prompts, sid)
+        self.last_region = self.session.set_prompts(prompts, sid)
         self.prompts[name] = SegmentPrompts(
             [list(map(float, p)) for p in include_world],
             [list(map(float, p)) for p in exclude_world],
@@ -75,15 +78,15 @@ class MemorizingSAMController:
         return self.session.mask(sid)
 
     def undo(self, name: str) -> np.ndarray:
-        self.session.undo(self._sid(name))
+        self.last_region = self.session.undo(self._sid(name))
         return self.session.mask(self._sid(name))
 
     def redo(self, name: str) -> np.ndarray:
-        self.session.redo(self._sid(name))
+        self.last_region = self.session.redo(self._sid(name))
         return self.session.mask(self._sid(name))
 
     def reset(self, name: str) -> np.ndarray:
-        self.session.reset(self._sid(name))
+        self.last_region = self.session.reset(self._sid(name))
         self.prompts[name] = SegmentPrompts()
         return self.session.mask(self._sid(name))
 

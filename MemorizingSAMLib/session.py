@@ -75,13 +75,37 @@ class PromptState:
 
 @dataclass
 class MaskEdit:
-    """One tile of a segment's mask changed by a step: its bits before and after (np.packbits, [k, j, i] C order of
-    ``region``). Masks hold 0/1 only, so unpacking restores either side byte for byte at 1/8 byte per voxel."""
+    """A box of a segment's mask rewritten by a step: its bits before and after (np.packbits of the [k, j, i] C
+    order of ``region``; masks hold 0/1 only, so unpacking restores either side byte for byte at 1/8 byte per
+    voxel), and ``changed``, the box of the voxels that actually differ (what callers copy)."""
 
     segment: int
     region: Region
+    changed: Region
     before: np.ndarray
     after: np.ndarray
+
+    # Changes spread over more packed bytes than this are reported as the whole box: locating them exactly would
+    # cost more than copying the box (a refinement click typically changes a few hundred bytes of a tile).
+    EXACT_BOX_MAX_BYTES = 4096
+
+    @classmethod
+    def between(cls, segment: int, region: Region, before: np.ndarray, after: np.ndarray) -> MaskEdit | None:
+        """The edit from ``before`` to ``after`` (0/1 [k, j, i] arrays covering ``region``); None if equal."""
+        bits_before, bits_after = np.packbits(before), np.packbits(after)
+        flipped = bits_before ^ bits_after
+        n = np.count_nonzero(flipped)
+        if n == 0:
+            return None
+        changed = region
+        if n <= cls.EXACT_BOX_MAX_BYTES:
+            idx = np.flatnonzero(flipped)
+            bits = np.unpackbits(flipped[idx]).astype(bool)
+            k, j, i = np.unravel_index((8 * idx[:, None] + np.arange(8)).ravel()[bits], before.shape)
+            lo = (region.lo[0] + int(i.min()), region.lo[1] + int(j.min()), region.lo[2] + int(k.min()))
+            hi = (region.lo[0] + int(i.max()) + 1, region.lo[1] + int(j.max()) + 1, region.lo[2] + int(k.max()) + 1)
+            changed = Region(lo, hi)
+        return cls(segment, region, changed, bits_before, bits_after)
 
     def undo(self, mask: np.ndarray) -> None:
         self._write(mask, self.before)
@@ -468,9 +492,9 @@ class InteractiveSession:
                     after = positive.view(np.uint8)
                     if tile.inside is not None:
                         after = np.where(tile.inside, after, current)
-                    bits_before, bits_after = np.packbits(current), np.packbits(after)
-                    if not np.array_equal(bits_before, bits_after):
-                        edits.append(MaskEdit(seg.id, tile.region, bits_before, bits_after))
+                    edit = MaskEdit.between(seg.id, tile.region, current, after)
+                    if edit is not None:
+                        edits.append(edit)
                         np.copyto(current, after)
             except BaseException:
                 for e in reversed(edits):
@@ -524,7 +548,7 @@ class InteractiveSession:
                 (int(nz[2].max()) + 1, int(nz[1].max()) + 1, int(nz[0].max()) + 1),
             )
             view = seg.mask[region.slices]
-            edits.append(MaskEdit(seg.id, region, np.packbits(view), np.packbits(np.zeros(view.size, np.uint8))))
+            edits.append(MaskEdit.between(seg.id, region, view, np.zeros_like(view)))
             view[...] = 0
         seg.state = PromptState()
         seg.undo.append(Step(seg.id, before, self._snapshot(seg.state), edits))
@@ -551,10 +575,10 @@ class InteractiveSession:
 
 
 def _bounding(edits: list[MaskEdit]) -> Region | None:
-    """The box around the regions of ``edits`` (None if there are none)."""
+    """The box around the changes of ``edits`` (None if there are none)."""
     region = None
     for e in edits:
-        region = e.region.union(region)
+        region = e.changed.union(region)
     return region
 
 

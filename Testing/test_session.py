@@ -11,7 +11,8 @@ import torch
 
 from MemorizingSAMLib.geometry import ImageError
 from MemorizingSAMLib.modeling import build_sam3d
-from MemorizingSAMLib.session import InteractiveSession, Prompt, PromptError, SessionOptions
+from MemorizingSAMLib.paste import Region
+from MemorizingSAMLib.session import InteractiveSession, MaskEdit, Prompt, PromptError, SessionOptions
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,44 @@ def test_clicks_write_only_the_returned_region(session):
     assert session.last_timing["encoded"] is True
     session.add_point((55, 65, 21), include=False)
     assert session.last_timing["encoded"] is False  # same crop: cached embedding
+
+
+def test_returned_region_is_the_box_of_the_changed_voxels(session):
+    """Exactly, for changes of up to EXACT_BOX_MAX_BYTES packed bytes per tile (larger ones get their tile's box);
+    always containing every changed voxel."""
+
+    def check(m0, m1, region):
+        k, j, i = np.nonzero(m0 != m1)
+        assert k.size and region is not None
+        box = Region((i.min(), j.min(), k.min()), (i.max() + 1, j.max() + 1, k.max() + 1))
+        if (m0 != m1).sum() <= 8 * MaskEdit.EXACT_BOX_MAX_BYTES // 8:  # few changes: exact
+            assert region == box, (region, box)
+        else:
+            assert region.union(box) == region
+
+    session.add_segment()
+    for p, inc in [((50, 60, 20), True), ((58, 66, 21), False), ((47, 57, 19), True)]:
+        m0 = session.mask().copy()
+        region = session.add_point(p, include=inc)
+        check(m0, session.mask(), region)
+    for step in (session.undo, session.redo):
+        m0 = session.mask().copy()
+        region = step()
+        check(m0, session.mask(), region)
+    # A result that grows by a thin shell (low-res logits of a 12 mm sphere, then 13 mm): the sampled region (the
+    # positive low-res box plus its interpolation margin) is larger than what changes, the returned box is not.
+    seg = session.segments[session.active]
+    crop = seg.state.crop
+    c = (np.arange(32) + 0.5) * 4 - 0.5
+    dist = np.sqrt(sum((g - 64.0) ** 2 for g in np.meshgrid(c, c, c, indexing="ij"))) * crop.spacing
+    for radius in (12.0, 13.0):
+        low = torch.from_numpy((radius - dist).astype(np.float32))[None, None]
+        state = type(seg.state)(crop=crop, prompts=seg.state.prompts, low_res=low, last_region=seg.state.last_region)
+        m0 = session.mask().copy()
+        region = session._commit(seg, seg.state, state, low)
+    check(m0, session.mask(), region)
+    sampled = seg.state.last_region
+    assert region.voxels < 0.7 * sampled.voxels
 
 
 def test_undo_redo_byte_for_byte(session):

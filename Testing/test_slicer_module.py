@@ -139,3 +139,45 @@ def test_module_files_compile_and_ui_names_exist():
     for f in [*root.glob("*.py"), *(root.parent / "MemorizingSAMLib").rglob("*.py")]:
         rel = f.relative_to(root.parent).as_posix()
         assert f.name in cmake if f.parent == root else rel in cmake, f"{rel} not listed in CMakeLists.txt"
+
+
+def test_last_region_holds_every_change(scene, model):
+    """The module copies only ``controller.last_region`` into the segment after each update, undo, redo and reset:
+    a copy kept up to date that way must always equal the controller's mask."""
+    volume, _, _ = scene
+    ctl = MemorizingSAMController(model, lambda p: io.world_to_ijk(volume, p))
+    ctl.set_volume(io.volume_to_sitk(volume))
+    points = fake_slicer.PointListNode()
+    shadow = None
+
+    def follow(mask):
+        nonlocal shadow
+        if shadow is None:
+            shadow = np.zeros_like(mask)
+        if ctl.last_region is not None:
+            shadow[ctl.last_region.slices] = mask[ctl.last_region.slices]
+        assert np.array_equal(shadow, mask)
+
+    points.add_world(world_of(volume, (30, 40, 20)))
+    follow(ctl.update("A", io.control_points_world(points), []))
+    points.add_world(world_of(volume, (36, 44, 21)))
+    follow(ctl.update("A", io.control_points_world(points), [world_of(volume, (26, 36, 19))]))
+    for action in ("undo", "undo", "redo", "reset", "undo"):
+        follow(getattr(ctl, action)("A"))
+    assert shadow.any()
+
+
+def test_module_uses_only_the_controllers_own_attributes(model):
+    """MemorizingSAM.py cannot run here (no Slicer); at least every ``controller.<name>`` it uses must exist, and
+    it must not reach through the controller into the session's internals."""
+    import ast
+
+    source = (Path(__file__).parent.parent / "MemorizingSAM" / "MemorizingSAM.py").read_text()
+    ctl = MemorizingSAMController(model, lambda p: p)
+    used = set()
+    for node in ast.walk(ast.parse(source)):
+        owner = getattr(node, "value", None)
+        if isinstance(node, ast.Attribute) and isinstance(owner, ast.Attribute) and owner.attr == "controller":
+            used.add(node.attr)
+            assert node.attr != "session", "the module reaches into controller.session"
+    assert used and all(hasattr(ctl, name) for name in used), used
