@@ -99,11 +99,15 @@ class MaskEdit:
             return None
         changed = region
         if n <= cls.EXACT_BOX_MAX_BYTES:
-            idx = np.flatnonzero(flipped)
-            bits = np.unpackbits(flipped[idx]).astype(bool)
-            k, j, i = np.unravel_index((8 * idx[:, None] + np.arange(8)).ravel()[bits], before.shape)
-            lo = (region.lo[0] + int(i.min()), region.lo[1] + int(j.min()), region.lo[2] + int(k.min()))
-            hi = (region.lo[0] + int(i.max()) + 1, region.lo[1] + int(j.max()) + 1, region.lo[2] + int(k.max()) + 1)
+            # The box of the changed bytes: each covers 8 consecutive voxels of a row, or straddles two rows.
+            first = 8 * np.flatnonzero(flipped)
+            last = np.minimum(first + 7, before.size - 1)
+            (kf, jf, i_f), (kl, jl, il) = (np.unravel_index(v, before.shape) for v in (first, last))
+            straddles = kf * before.shape[1] + jf != kl * before.shape[1] + jl
+            i0 = 0 if straddles.any() else int(i_f.min())
+            i1 = before.shape[2] if straddles.any() else int(il.max()) + 1
+            lo = (region.lo[0] + i0, region.lo[1] + int(min(jf.min(), jl.min())), region.lo[2] + int(kf.min()))
+            hi = (region.lo[0] + i1, region.lo[1] + int(max(jf.max(), jl.max())) + 1, region.lo[2] + int(kl.max()) + 1)
             changed = Region(lo, hi)
         return cls(segment, region, changed, bits_before, bits_after)
 
