@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,14 @@ def pytest_configure(config):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def memsam():
+    """Run the ``memsam`` command line as a real subprocess: memsam("info", path) -> CompletedProcess (text)."""
+
+    def run(*args):
+        cmd = [sys.executable, "-m", "MemorizingSAMLib.cli", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    return run

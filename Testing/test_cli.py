@@ -1,8 +1,6 @@
 """The ``memsam`` entry point, run as a real subprocess."""
 
 import json
-import subprocess
-import sys
 
 import torch
 
@@ -10,31 +8,27 @@ from MemorizingSAMLib.checkpoints import save_checkpoint
 from MemorizingSAMLib.modeling import build_sam3d
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "MemorizingSAMLib.cli", *args], capture_output=True, text=True)
-
-
-def test_info_describes_our_checkpoint(tmp_path):
+def test_info_describes_our_checkpoint(tmp_path, memsam):
     path = save_checkpoint(build_sam3d("memsam_tiny_student"), tmp_path / "m.pt", metadata={"k": 1})
-    r = run("info", str(path))
+    r = memsam("info", str(path))
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["architecture"].startswith("memsam_tiny_student") and info["metadata"] == {"k": 1}
     assert info["parameters"] == build_sam3d("memsam_tiny_student").count_parameters()
 
 
-def test_info_errors_are_one_line(tmp_path):
+def test_info_errors_are_one_line(tmp_path, memsam):
     bad = tmp_path / "bad.pth"
     torch.save({"x": torch.zeros(1)}, bad)
     for target in (tmp_path / "missing.pth", bad):
-        r = run("info", str(target))
+        r = memsam("info", str(target))
         assert r.returncode == 1
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    r = run("frobnicate")
+    r = memsam("frobnicate")
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-def test_build_memory_from_folders(tmp_path):
+def test_build_memory_from_folders(tmp_path, memsam):
     import numpy as np
     import SimpleITK as sitk
 
@@ -53,7 +47,7 @@ def test_build_memory_from_folders(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / "labels" / f"case{c}.nii.gz"))
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "3": "spleen"}}))
     out = tmp_path / "bank.msam"
-    r = run(
+    r = memsam(
         "build-memory",
         "--model",
         str(ckpt),
@@ -68,7 +62,7 @@ def test_build_memory_from_folders(tmp_path):
     assert "4 entries from 2 cases" in r.stdout and "2/2" in r.stderr
     bank = MemoryBank.load(out)
     assert sorted(e["label"] for e in bank.entries) == ["liver", "liver", "spleen", "spleen"]
-    r = run(
+    r = memsam(
         "build-memory",
         "--model",
         str(ckpt),
@@ -106,13 +100,13 @@ import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
-def test_segment_writes_labelmap_with_input_geometry_at_the_structure(tmp_path, ext):
+def test_segment_writes_labelmap_with_input_geometry_at_the_structure(tmp_path, ext, memsam):
     import numpy as np
     import SimpleITK as sitk
 
     path, img, gt, (i, j, k), ras = phantom_file(tmp_path, ext)
     out = tmp_path / f"labels{ext}"
-    r = run("segment", str(path), "--point", ",".join(f"{v:.3f}" for v in ras), "--out", str(out))
+    r = memsam("segment", str(path), "--point", ",".join(f"{v:.3f}" for v in ras), "--out", str(out))
     assert r.returncode == 0, r.stderr
     back = sitk.ReadImage(str(out))
     assert back.GetSize() == img.GetSize()
@@ -126,11 +120,11 @@ def test_segment_writes_labelmap_with_input_geometry_at_the_structure(tmp_path, 
     assert lab[k, j, i] and overlap >= 0.5 * gt.sum() and 2 * overlap / (lab.sum() + gt.sum()) > 0.4
     # voxel indices give the same result
     out2 = tmp_path / f"labels_ijk{ext}"
-    r = run("segment", str(path), "--point", f"{i},{j},{k}:include", "--coords", "ijk", "--out", str(out2))
+    r = memsam("segment", str(path), "--point", f"{i},{j},{k}:include", "--coords", "ijk", "--out", str(out2))
     assert r.returncode == 0 and np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out2))) > 0, lab)
 
 
-def test_segment_wrong_usage_is_one_line(tmp_path):
+def test_segment_wrong_usage_is_one_line(tmp_path, memsam):
     path, img, gt, ijk, ras = phantom_file(tmp_path, ".nii.gz")
     other = save_checkpoint(build_sam3d("memsam_small_teacher"), tmp_path / "teacher.pt")
     torch.save({"model_state_dict": {"conv.weight": torch.zeros(3, 3)}}, tmp_path / "foreign.pth")
@@ -172,7 +166,7 @@ def test_segment_wrong_usage_is_one_line(tmp_path):
         ),
     ]
     for args, text in cases:
-        r = run(*args)
+        r = memsam(*args)
         assert r.returncode != 0, args
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and text in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)

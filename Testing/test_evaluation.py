@@ -1,8 +1,6 @@
 """Click simulation on phantoms where the right next click is known; metrics; reproducible reports; the CLI."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -113,28 +111,21 @@ def test_legacy_protocol_locks_crop_on_ground_truth(phantom_data, tiny_ckpt):
     assert seg.session.segments[seg.seg].state.locked
 
 
-def test_evaluate_cli_end_to_end(phantom_data, tiny_ckpt, tmp_path):
+def test_evaluate_cli_end_to_end(phantom_data, tiny_ckpt, tmp_path, memsam):
     out = tmp_path / "eval"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "MemorizingSAMLib.cli",
-            "evaluate",
-            "--model",
-            str(tiny_ckpt),
-            "--data",
-            str(phantom_data),
-            "--clicks",
-            "2",
-            "--max-targets",
-            "1",
-            "--baseline",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    r = memsam(
+        "evaluate",
+        "--model",
+        tiny_ckpt,
+        "--data",
+        phantom_data,
+        "--clicks",
+        "2",
+        "--max-targets",
+        "1",
+        "--baseline",
+        "--out",
+        out,
     )
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in out.iterdir())
@@ -142,9 +133,5 @@ def test_evaluate_cli_end_to_end(phantom_data, tiny_ckpt, tmp_path):
     assert "eval_sitk_region_growing.json" in files and "montage_memsam_tiny_student.png" in files
     rep = json.loads((out / "eval_sitk_region_growing.json").read_text())
     assert rep["overall"]["targets"] == 2 and (out / "dice_vs_clicks.png").read_bytes()[:4] == b"\x89PNG"
-    r = subprocess.run(
-        [sys.executable, "-m", "MemorizingSAMLib.cli", "evaluate", "--data", str(tmp_path / "none")],
-        capture_output=True,
-        text=True,
-    )
+    r = memsam("evaluate", "--data", tmp_path / "none")
     assert r.returncode == 1 and "dataset.json" in r.stderr and "Traceback" not in r.stderr

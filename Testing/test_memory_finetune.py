@@ -2,9 +2,6 @@
 the model reads them only through its learned value vectors, training never retrieves the sample's own structure,
 and the weights that make the bank's keys/values stay frozen so a bank stays valid."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -130,25 +127,11 @@ def test_convert_and_frozen_part():
     assert "mask_decoder.iou_token.weight" not in frozen
 
 
-def test_finetune_memory_command_keeps_the_bank_valid_and_the_session_uses_it(phantom_data, tmp_path):
+def test_finetune_memory_command_keeps_the_bank_valid_and_the_session_uses_it(phantom_data, tmp_path, memsam):
     student = perturbed("memsam_tiny_student")
     init = save_checkpoint(student, tmp_path / "student.pt")
     args = ["--data", str(phantom_data), "--sources", "phantom", "--steps", "2", "--batch", "1", "--log-every", "1"]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "MemorizingSAMLib.cli",
-            "finetune-memory",
-            "--model",
-            str(init),
-            *args,
-            "--out",
-            str(tmp_path / "m"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = memsam("finetune-memory", "--model", init, *args, "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     tuned = load_model(tmp_path / "m" / "model.pt")
     layer = tuned.cfg.memory_layer
@@ -156,21 +139,8 @@ def test_finetune_memory_command_keeps_the_bank_valid_and_the_session_uses_it(ph
     assert model_fingerprint(tuned, layer) == model_fingerprint(student, layer)
     moved = (tuned.mask_decoder.iou_token.weight - student.mask_decoder.iou_token.weight).abs().max()
     assert moved > 0
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "MemorizingSAMLib.cli",
-            "build-memory",
-            "--model",
-            str(tmp_path / "m" / "model.pt"),
-            "--data",
-            str(phantom_data),
-            "--out",
-            str(tmp_path / "bank.msam"),
-        ],
-        capture_output=True,
-        text=True,
+    r = memsam(
+        "build-memory", "--model", tmp_path / "m" / "model.pt", "--data", phantom_data, "--out", tmp_path / "bank.msam"
     )
     assert r.returncode == 0, r.stderr
     bank = MemoryBank.load(tmp_path / "bank.msam", tuned)

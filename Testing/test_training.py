@@ -1,8 +1,6 @@
 """Training and distillation: the loss goes down on fixed data; the commands run end to end (tiny smoke runs)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -50,11 +48,7 @@ def train_data(tmp_path_factory):
     return prepare_dataset(tmp_path_factory.mktemp("d"), sources=("phantom",), phantom_seeds=(0, 1))
 
 
-def memsam(*args):
-    return subprocess.run([sys.executable, "-m", "MemorizingSAMLib.cli", *args], capture_output=True, text=True)
-
-
-def test_train_and_distill_commands_smoke(train_data, tmp_path):
+def test_train_and_distill_commands_smoke(train_data, tmp_path, memsam):
     r = memsam(
         "train",
         "--config",
