@@ -110,6 +110,44 @@ def test_multimask_selects_masks_one_to_three():
     assert iou3.shape == (1, 3)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_upscaling_is_close_and_really_reduced(packed):
+    """upscale_dtype=torch.bfloat16: the two upscaling products in bf16 (packed oneDNN weights made on first use, or
+    cast per call without packs); logits close to the exact ones, and not the fp32 path in disguise."""
+    torch.manual_seed(3)
+    m = build_sam3d("memsam_tiny_student").eval()
+    if packed:
+        m.prepare_for_inference()
+    dec = m.mask_decoder
+    tokens = torch.randn(1, 512, 96)
+    hyper = torch.randn(1, 1, 12)
+
+    def reference():
+        ref_dec = build_sam3d("memsam_tiny_student").mask_decoder.double()
+        ref_dec.load_state_dict(dec.state_dict())
+        with torch.inference_mode():
+            return ref_dec.upscale_to_masks(tokens.double(), hyper.double(), 8)
+
+    ref = reference()
+    with torch.inference_mode():
+        exact = dec.upscale_to_masks(tokens, hyper, 8)
+        low = dec.upscale_to_masks(tokens, hyper, 8, torch.bfloat16)
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    assert (exact.double() - ref).abs().max().item() < 1e-5
+    err = (low.double() - ref).abs().max().item()
+    assert 1e-4 < err < 0.02 * ref.abs().max().item()
+    # A weight changed in place after the bf16 pack was made must not be served from the stale pack.
+    with torch.no_grad():
+        dec.output_upscaling[3].weight.mul_(-1)
+    ref = reference()
+    with torch.inference_mode():
+        low = dec.upscale_to_masks(tokens, hyper, 8, torch.bfloat16)
+    assert (low.double() - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+    # training (autograd on) takes the unchunked, unpacked path in bf16
+    low_grad = dec.upscale_to_masks(tokens, hyper, 8, torch.bfloat16)
+    assert low_grad.requires_grad and (low_grad.double() - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+
+
 def test_packed_inference_matches_plain_and_follows_weight_changes():
     torch.manual_seed(5)
     m = build_sam3d("memsam_tiny_student").eval()

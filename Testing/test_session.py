@@ -308,3 +308,22 @@ def test_large_uint8_volume_copied_at_most_once(tmp_path):
     # One copy (the SimpleITK image) plus crop-sized work (the 192 mm crop is 2.7 % of this volume, but its
     # temporaries and the mask pages it touches come to ~0.3 volume); a second whole copy would make it >= 2.
     assert growth < 1.6, f"peak RSS grew by {growth:.2f} volumes"
+
+
+def test_bfloat16_upscaling_option_gives_nearly_the_same_masks(model):
+    """SessionOptions(upscale_dtype="bfloat16"): masks agree with the exact path up to a few boundary voxels."""
+    masks, logits = {}, {}
+    for dtype in (None, "bfloat16"):
+        s = InteractiveSession(model, SessionOptions(upscale_dtype=dtype))
+        s.set_image(volume(), spacing=(0.8, 0.8, 2.5))
+        sid = s.add_segment()
+        for ijk, include in [((50, 60, 20), True), ((62, 58, 18), True), ((40, 45, 22), False)]:
+            s.add_point(ijk, include=include)
+        masks[dtype] = s.mask(sid).astype(bool)
+        logits[dtype] = s.segments[sid].state.low_res
+    assert 0 < (logits[None] - logits["bfloat16"]).abs().max() < 0.1  # the option reached the decoder
+    a, b = masks[None], masks["bfloat16"]
+    assert a.sum() > 1000
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
+    with pytest.raises(ValueError, match="upscale_dtype"):
+        SessionOptions(upscale_dtype="float16")

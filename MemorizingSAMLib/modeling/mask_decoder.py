@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import MaskDecoderConfig
 from .ops import MLP, LayerNorm3d
-from .packed_linear import linear, pack_linears, pack_weight
+from .packed_linear import ensure_packed, linear, pack_linears, pack_weight
 from .prepared import PreparedEmbedding
 from .transformer import ImageProjections, TwoWayTransformer
 
@@ -43,24 +43,37 @@ class MaskDecoder3D(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(c, c, c // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
 
-    def upscale_to_masks(self, image_tokens: torch.Tensor, hyper: torch.Tensor, g: int) -> torch.Tensor:
+    def upscale_to_masks(
+        self, image_tokens: torch.Tensor, hyper: torch.Tensor, g: int, compute_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Upscale (B, G^3, C) image tokens twice (ConvTranspose k2 s2, LN3d, GELU, ConvTranspose k2 s2, GELU) and
         contract with the hypernetwork outputs (B, M, C/8) -> low-res logits (B, M, 4G, 4G, 4G).
 
         Both transposed convolutions act voxel by voxel, so the sub-voxel order does not matter until the end:
         rows stay ordered (voxel, sub-voxel 1, sub-voxel 2) and only the final (B, M, 64 G^3) logits are permuted
         into place, instead of the 48-channel feature map.
+
+        ``compute_dtype`` (e.g. torch.bfloat16): the two transposed-convolution products in that dtype (fp32
+        accumulation in oneDNN; LayerNorm, GELU and the hypernetwork product stay in the tokens' dtype); None:
+        everything in the tokens' dtype. See ``Sam3D.decode(upscale_dtype=...)``.
         """
         up1, ln, act1, up2, _ = self.output_upscaling
         b, c = image_tokens.shape[0], image_tokens.shape[-1]
         c4, c8 = up1.out_channels, up2.out_channels
-        x = linear(image_tokens.reshape(-1, c), up1, lambda: _as_linear_weight(up1), up1.bias.repeat(8)).view(-1, c4)
-        x = act1(ln.forward_channels_last(x))
+        dtype = image_tokens.dtype
+        cd = compute_dtype or dtype
+        w1, w2 = (lambda: _as_linear_weight(up1)), (lambda: _as_linear_weight(up2))
+        if cd != dtype and not torch.is_grad_enabled():
+            # The reduced-precision packs are made on first use (a few hundred kB).
+            ensure_packed(up1, w1, 512, cd)
+            ensure_packed(up2, w2, self.UPSCALE_CHUNK_ROWS, cd)
+        x = linear(image_tokens.reshape(-1, c).to(cd), up1, w1, up1.bias.repeat(8)).view(-1, c4)
+        x = act1(ln.forward_channels_last(x.to(dtype))).to(cd)
         bias2 = up2.bias.repeat(8)
         m = hyper.shape[1]
         if torch.is_grad_enabled() or x.device.type != "cpu":
             # The GELU after the second transposed convolution is fused into the product on the packed path.
-            y = linear(x, up2, lambda: _as_linear_weight(up2), bias2, gelu=True).view(b, -1, c8)
+            y = linear(x, up2, w2, bias2, gelu=True).view(b, -1, c8).to(dtype)
             masks = torch.bmm(hyper, y.transpose(1, 2))  # (B, M, G^3 * 64), rows (d, h, w, i1, j1, k1, i2, j2, k2)
         else:
             masks = self._second_upscaling_chunked(x.view(b, -1, c4), hyper, bias2).transpose(1, 2)
@@ -73,18 +86,19 @@ class MaskDecoder3D(nn.Module):
 
     def _second_upscaling_chunked(self, x: torch.Tensor, hyper: torch.Tensor, bias2: torch.Tensor) -> torch.Tensor:
         """Second transposed convolution + GELU + hypernetwork product, chunk by chunk (inference on CPU only:
-        it writes into a preallocated output). x (B, 8 G^3, C/4), hyper (B, M, C/8) -> (B, 64 G^3, M)."""
+        it writes into a preallocated output). x (B, 8 G^3, C/4) in the compute dtype, hyper (B, M, C/8) ->
+        (B, 64 G^3, M) in hyper's dtype."""
         up2 = self.output_upscaling[3]
         b, n, _ = x.shape
         c8 = up2.out_channels
-        out = x.new_empty(b, n * 8, hyper.shape[1])
+        out = hyper.new_empty(b, n * 8, hyper.shape[1])
         step = self.UPSCALE_CHUNK_ROWS
         for i in range(b):
             h_t = hyper[i].t()
             for r0 in range(0, n, step):
                 r1 = min(n, r0 + step)
                 y = linear(x[i, r0:r1], up2, lambda: _as_linear_weight(up2), bias2, gelu=True)
-                torch.mm(y.view(-1, c8), h_t, out=out[i, r0 * 8 : r1 * 8])
+                torch.mm(y.view(-1, c8).to(h_t.dtype), h_t, out=out[i, r0 * 8 : r1 * 8])
         return out
 
     def _scatter_index(self, b: int, m: int, g: int, device: torch.device) -> torch.Tensor:
@@ -94,8 +108,10 @@ class MaskDecoder3D(nn.Module):
         cache = self.__dict__.setdefault("_index_cache", {})
         if key not in cache:
             n = b * m * 64 * g**3
-            src = torch.arange(n, device=device).view(b, m, g, g, g, 2, 2, 2, 2, 2, 2)
-            cache[key] = src.permute(0, 1, 2, 5, 8, 3, 6, 9, 4, 7, 10).reshape(-1).contiguous()
+            # A normal tensor even when first made under inference_mode: training later saves it for backward.
+            with torch.inference_mode(False):
+                src = torch.arange(n, device=device).view(b, m, g, g, g, 2, 2, 2, 2, 2, 2)
+                cache[key] = src.permute(0, 1, 2, 5, 8, 3, 6, 9, 4, 7, 10).reshape(-1).contiguous()
         return cache[key]
 
     def pack_for_inference(self) -> int:
@@ -112,9 +128,11 @@ class MaskDecoder3D(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         with_iou: bool = True,
+        upscale_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """image_embeddings (B or 1, C, G, G, G); returns low-res logits (B, M, 4G, 4G, 4G) and IoU (B, M), or None
-        with ``with_iou=False`` (the IoU token then skips the final attention and the IoU head)."""
+        with ``with_iou=False`` (the IoU token then skips the final attention and the IoU head).
+        ``upscale_dtype``: see :meth:`upscale_to_masks`."""
         b = sparse_prompt_embeddings.shape[0]
         g = image_embeddings.shape[-1]
         tokens = self._tokens(sparse_prompt_embeddings)
@@ -122,7 +140,7 @@ class MaskDecoder3D(nn.Module):
         # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
         src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
         pos = image_pe.flatten(2).transpose(1, 2).contiguous()
-        return self._run(src, pos, tokens, None, multimask_output, g, with_iou)
+        return self._run(src, pos, tokens, None, multimask_output, g, with_iou, upscale_dtype)
 
     def forward_prepared(
         self,
@@ -131,6 +149,7 @@ class MaskDecoder3D(nn.Module):
         mask_features: torch.Tensor,
         multimask_output: bool,
         with_iou: bool = True,
+        upscale_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward`` for a prepared embedding and the mask prompt's features (B, m, G, G, G) before the prompt
         encoder's last 1x1 convolution (see prepared.py); the same outputs up to rounding."""
@@ -150,7 +169,7 @@ class MaskDecoder3D(nn.Module):
             heads(torch.baddbmm(prep.v0, z, prep.mv.expand(b, -1, -1))),
             heads(torch.baddbmm(prep.q0, z, prep.mq.expand(b, -1, -1))).transpose(2, 3),
         )
-        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou)
+        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou, upscale_dtype)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """Decoder tokens (B, 1 + M + N, C): IoU token, mask tokens, then the sparse prompt embeddings."""
@@ -158,7 +177,7 @@ class MaskDecoder3D(nn.Module):
         return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
 
     def _run(
-        self, src, pos, tokens, proj, multimask_output: bool, g: int, with_iou: bool = True
+        self, src, pos, tokens, proj, multimask_output: bool, g: int, with_iou: bool = True, upscale_dtype=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         selected = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
         # Only the IoU token (if wanted) and the selected mask tokens are read after the transformer.
@@ -168,7 +187,7 @@ class MaskDecoder3D(nn.Module):
         hyper = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, first + j]) for j, i in enumerate(selected)], dim=1
         )
-        masks = self.upscale_to_masks(src, hyper, g)
+        masks = self.upscale_to_masks(src, hyper, g, upscale_dtype)
         if not with_iou:
             return masks, None
         iou = self.iou_prediction_head(hs[:, 0])

@@ -4,10 +4,11 @@ On CPU, ``F.linear`` hands the transposed weight to the BLAS every call; oneDNN 
 into its blocked layout runs the same product 15-30 % faster here (measured on the 2-core AVX-512 machine:
 ~150-185 -> ~200-215 GFLOP/s for the 512 x 768 x 3072 MLP product) and fuses the exact GELU.
 
-The packed weight is an explicit cache held by the module that owns the weight (attribute ``_memsam_packed``),
-created by :func:`pack_linears` (``Sam3D.prepare_for_inference``), and used only when it is still valid:
-no autograd, a CPU input of the packed dtype, and the weight unchanged since packing (its version counter).
-Anything else takes the plain ``F.linear`` path, so training, float64 and CUDA are unaffected.
+The packed weights are an explicit cache held by the module that owns the weight (attribute ``_memsam_packed``,
+one entry per compute dtype), created by :func:`pack_linears` (``Sam3D.prepare_for_inference``) or
+:func:`ensure_packed`, and used only when still valid: no autograd, a CPU input of the packed dtype, and the
+weight unchanged since packing (its version counter). Anything else takes the plain ``F.linear`` path (in the
+input's dtype), so training, float64 and CUDA are unaffected.
 """
 
 from __future__ import annotations
@@ -57,22 +58,47 @@ def linear(
     ``weight2d`` is (out, in), or a function giving it when it must be derived (a convolution kernel reshaped):
     it is then only computed on the unpacked path. The version check uses the owner's own weight parameter.
     """
-    pack = getattr(owner, _ATTR, None)
+    packs = getattr(owner, _ATTR, None)
+    pack = packs.get(x.dtype) if packs else None
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     if _valid(pack, x, owner.weight):
         return torch.ops.mkldnn._linear_pointwise(x, pack.packed, bias, "gelu" if gelu else "none", [], "none")
-    y = F.linear(x, weight2d() if callable(weight2d) else weight2d, bias)
+    w = weight2d() if callable(weight2d) else weight2d
+    y = F.linear(x, w.to(x.dtype), bias)  # a compute dtype other than the weight's: cast per call (unpacked)
     return F.gelu(y) if gelu else y
 
 
-def pack_weight(owner: nn.Module, weight2d: torch.Tensor, batch_hint: int = 512) -> bool:
-    """Pack ``weight2d`` (out, in) of ``owner`` for oneDNN; False (nothing cached) where oneDNN cannot."""
+def pack_weight(
+    owner: nn.Module, weight2d: torch.Tensor, batch_hint: int = 512, dtype: torch.dtype | None = None
+) -> bool:
+    """Pack ``weight2d`` (out, in) of ``owner`` for oneDNN inputs of ``dtype`` (default: the weight's own), replacing
+    every other pack of the owner; False (nothing cached) where oneDNN cannot."""
+    setattr(owner, _ATTR, None)
+    return ensure_packed(owner, weight2d, batch_hint, dtype)
+
+
+def ensure_packed(
+    owner: nn.Module,
+    weight2d: torch.Tensor | Callable[[], torch.Tensor],
+    batch_hint: int = 512,
+    dtype: torch.dtype | None = None,
+) -> bool:
+    """Add a pack of ``weight2d`` for inputs of ``dtype`` to the owner's packs unless a valid one is there (e.g. a
+    bfloat16 copy of a float32 weight for reduced-precision products); False where oneDNN cannot."""
     w = owner.weight
-    if not _onednn_available() or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-        setattr(owner, _ATTR, None)
+    dtype = dtype or w.dtype
+    packs = getattr(owner, _ATTR, None) or {}
+    current = packs.get(dtype)
+    if current is not None and current.version == w._version and current.data_ptr == w.data_ptr():
+        return True
+    if not _onednn_available() or w.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
+    w2d = weight2d() if callable(weight2d) else weight2d
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight2d.detach().contiguous(), batch_hint)
-    setattr(owner, _ATTR, PackedWeight(packed, w.dtype, w._version, w.data_ptr()))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w2d.detach().to(dtype).contiguous(), batch_hint)
+    packs[dtype] = PackedWeight(packed, dtype, w._version, w.data_ptr())
+    setattr(owner, _ATTR, packs)
     return True
 
 
