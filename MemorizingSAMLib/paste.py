@@ -7,6 +7,7 @@ the same crop occupied, which must be cleared) are sampled, straight from the 32
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,18 +49,24 @@ class Region:
         )
 
 
-def crop_box_to_region(geom: Geometry, grid: CropGrid, lo_xyz: np.ndarray, hi_xyz: np.ndarray) -> Region:
+def crop_box_to_region(geom: Geometry, grid: CropGrid, lo_xyz, hi_xyz) -> Region:
     """The volume voxels whose centres may fall inside the crop-space box [lo_xyz, hi_xyz] (continuous)."""
-    a, b = ijk_to_crop_affine(geom, grid)
-    inv = np.linalg.inv(a)
-    corners = np.array(
-        [[x, y, z] for x in (lo_xyz[0], hi_xyz[0]) for y in (lo_xyz[1], hi_xyz[1]) for z in (lo_xyz[2], hi_xyz[2])]
-    )
-    ijk = (corners - b) @ inv.T
-    size = np.asarray(geom.size)
-    lo = np.clip(np.floor(ijk.min(0)).astype(int), 0, size)
-    hi = np.clip(np.ceil(ijk.max(0)).astype(int) + 1, 0, size)
-    return Region(tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+    # Plain Python floats: this runs once per click right after the model, when every numpy call costs ~10 us
+    # (caches flushed by the decoder; measured 245 us for the numpy version, 65 us when repeated at once).
+    m = geom.ras_to_ijk_matrix  # cached on the geometry
+    rot, t = m[:3, :3].tolist(), m[:3, 3].tolist()
+    sp, org = grid.spacing, grid.origin_ras
+    lo, hi = [], []
+    for r in range(3):
+        # ijk_r = sum_c rot[r][c] * (xyz_c * sp + org_c) + t_r: linear in xyz, extremes at the box's corners
+        base = t[r] + sum(rot[r][c] * org[c] for c in range(3))
+        terms = [(rot[r][c] * sp * float(lo_xyz[c]), rot[r][c] * sp * float(hi_xyz[c])) for c in range(3)]
+        vmin = base + sum(min(a, b) for a, b in terms)
+        vmax = base + sum(max(a, b) for a, b in terms)
+        n = geom.size[r]
+        lo.append(min(max(math.floor(vmin), 0), n))
+        hi.append(min(max(math.ceil(vmax) + 1, 0), n))
+    return Region(tuple(lo), tuple(hi))
 
 
 def positive_region(low: torch.Tensor, geom: Geometry, grid: CropGrid) -> Region | None:
@@ -70,15 +77,18 @@ def positive_region(low: torch.Tensor, geom: Geometry, grid: CropGrid) -> Region
     the (clamped) neighbouring low-res voxels only, so positives lie within c in [f*l0 - f/2 - 0.5, f*l1 + 3f/2 - 0.5]
     for the positive low-res bounding box [l0, l1].
     """
-    pos = (low[0, 0] > 0).cpu().numpy()
-    extent = [np.flatnonzero(pos.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    if extent[0].size == 0:
+    m = low[0, 0]
+    plane = m.amax(dim=2)  # max over z: (x, y)
+    # per axis x, y, z: the indices holding some positive voxel
+    along = (torch.stack([plane.amax(dim=1), plane.amax(dim=0), m.amax(dim=(0, 1))]) > 0).tolist()
+    if not any(along[0]):
         return None
-    l0 = np.array([e[0] for e in extent], dtype=np.float64)
-    l1 = np.array([e[-1] for e in extent], dtype=np.float64)
     f = grid.size / low.shape[-1]
-    lo = np.maximum(f * l0 - f / 2 - 0.5, -0.5)
-    hi = np.minimum(f * l1 + 1.5 * f - 0.5, grid.size - 0.5)
+    lo, hi = [], []
+    for axis in along:
+        l0, l1 = axis.index(True), len(axis) - 1 - axis[::-1].index(True)
+        lo.append(max(f * l0 - f / 2 - 0.5, -0.5))
+        hi.append(min(f * l1 + 1.5 * f - 0.5, grid.size - 0.5))
     return crop_box_to_region(geom, grid, lo, hi)
 
 

@@ -134,3 +134,49 @@ def test_tiled_separable_paste_equals_trilinear_sampling(tile_voxels):
     # identical up to float rounding of the interpolation weights: only voxels with |logit| ~ 1e-6 may differ
     assert agree.mean() > 0.9999
     assert np.abs(vals.numpy()[inside][~agree]).max(initial=0) < 1e-5
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_positive_region_bounds_every_positive_voxel(oblique):
+    """The region from the low-res positives holds every volume voxel whose trilinear logit is positive, and is the
+    box of the crop-space bound's eight corners mapped into the volume (nothing looser)."""
+    rng = np.random.default_rng(4)
+    direction = rotation(30, 10) if oblique else np.diag([-1.0, 1.0, 1.0])
+    geom = Geometry((90, 80, 40), (0.9, 0.8, 3.0), (-20.0, 15.0, -40.0), tuple(direction.reshape(-1)))
+    grid = CropGrid.centred_on(geom.ijk_to_ras(np.array([45.0, 40.0, 20.0])), 1.5, 128)
+    for trial in range(3):
+        low = torch.full((1, 1, 32, 32, 32), -1.0)
+        for x, y, z in rng.integers(10, 22, size=(trial + 1, 3)):
+            low[0, 0, x, y, z] = 2.0
+        region = positive_region(low, geom, grid)
+        # reference: the corners of the crop-space bound [f l0 - f/2 - .5, f l1 + 3f/2 - .5] mapped into ijk
+        pos = np.argwhere(low[0, 0].numpy() > 0)
+        lo_c = np.maximum(4.0 * pos.min(0) - 2.5, -0.5)
+        hi_c = np.minimum(4.0 * pos.max(0) + 5.5, 127.5)
+        corners = np.array(
+            [
+                [a, b, c]
+                for a in lo_c[[0]].tolist() + hi_c[[0]].tolist()
+                for b in (lo_c[1], hi_c[1])
+                for c in (lo_c[2], hi_c[2])
+            ]
+        )
+        ijk = geom.ras_to_ijk(grid.crop_to_ras(corners))
+        size = np.asarray(geom.size)
+        lo = np.clip(np.floor(ijk.min(0)).astype(int), 0, size)
+        hi = np.clip(np.ceil(ijk.max(0)).astype(int) + 1, 0, size)
+        assert region == Region(tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+        # every positive voxel of the whole volume (grid_sample) lies in the region
+        k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in geom.size[::-1]], indexing="ij")
+        xyz = grid.ras_to_crop(geom.ijk_to_ras(np.stack([i, j, k], -1)))
+        u = torch.from_numpy(((xyz[..., ::-1] + 0.5) * (2.0 / grid.size) - 1.0).astype(np.float32))
+        vals = torch.nn.functional.grid_sample(
+            low, u.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border", align_corners=False
+        ).reshape(xyz.shape[:3])
+        inside = np.all((xyz >= -0.5) & (xyz <= grid.size - 0.5), axis=-1)
+        kk, jj, ii = np.nonzero((vals.numpy() > 0) & inside)
+        assert kk.size > 0
+        assert region.lo[0] <= ii.min() and ii.max() < region.hi[0]
+        assert region.lo[1] <= jj.min() and jj.max() < region.hi[1]
+        assert region.lo[2] <= kk.min() and kk.max() < region.hi[2]
+    assert positive_region(torch.full((1, 1, 32, 32, 32), -1.0), geom, grid) is None

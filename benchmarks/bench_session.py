@@ -1,9 +1,11 @@
 """Click latency of InteractiveSession on a real CT (pyradiomics 3.0.1 data/lung2: 512x512x61, 0.63x0.63x5 mm).
 
-    python benchmarks/bench_session.py --json
+    python benchmarks/bench_session.py --json --variants --large
 
 FastSAM3D architecture with the fixture-recipe weights (timing only: their masks cover ~half the crop, which is
-the worst case for the paste). First click on the tumour's interior-most voxel; time to first mask = that click
+the worst case for the paste). ``--variants`` repeats the clicks with the opt-in bf16 upscaling and with weights
+whose masks have a realistic extent (the recipe model with its decoder trained briefly, trained_decoder.py). First
+click on the tumour's interior-most voxel; time to first mask = that click
 with an empty cache (crop, encode, decode, paste); then --clicks refinement clicks inside the same crop (embedding
 cached), alternating include/exclude, each timed end to end (decode + paste into the 512x512x61 mask).
 ``--large`` also runs a 1024^3 uint8 volume and reports its peak RSS.
@@ -23,9 +25,10 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine_info, recipe_model, setup_threads  # noqa: E402
+from trained_decoder import trained_decoder_model  # noqa: E402
 
 from MemorizingSAMLib.datasets import fetch_pyradiomics_data  # noqa: E402
-from MemorizingSAMLib.session import InteractiveSession  # noqa: E402
+from MemorizingSAMLib.session import InteractiveSession, SessionOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +56,44 @@ def run(args) -> dict:
     model = recipe_model("fastsam3d")
     rss_model = current_rss_mb()
     img = sitk.ReadImage(str(data / "lung2_image.nrrd"))
-    session = InteractiveSession(model)
+    out = {
+        "machine": machine_info(),
+        "image": "pyradiomics-3.0.1 data/lung2_image.nrrd (512x512x61, 0.63x0.63x5 mm)",
+        "model": "fastsam3d (recipe weights)",
+        "clicks": args.clicks,
+    }
+    session, first = click_run(model, img, p0, args.clicks, SessionOptions(), out)
+    out.update(
+        {
+            "first_mask_s": round(first, 4),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "rss_after_model_load_mb": round(rss_model, 1),
+            "rss_after_clicks_mb": round(current_rss_mb(), 1),
+        }
+    )
+    exact_mask = session.mask().copy()
+    out.update(paste_small_region(session, p0))
+    del session
+    if args.variants:
+        # the same clicks with the opt-in bf16 upscaling, and with weights whose masks have a realistic extent;
+        # bf16 runs report the Dice of their final mask with the exact run's
+        bf16 = SessionOptions(upscale_dtype="bfloat16")
+        out["recipe_bf16_upscale"] = variant(model, img, p0, args.clicks, bf16, exact_mask)
+        del model
+        trained = trained_decoder_model()
+        out["trained_decoder"] = variant(trained, img, p0, args.clicks, SessionOptions())
+        exact_mask = out["trained_decoder"].pop("mask")
+        out["trained_decoder_bf16_upscale"] = variant(trained, img, p0, args.clicks, bf16, exact_mask)
+        model = trained
+    if args.large:
+        out.update(run_large(model))
+    return out
+
+
+def click_run(model, img, p0, clicks: int, options: SessionOptions, out: dict) -> tuple[InteractiveSession, float]:
+    """First click (empty cache), then ``clicks`` refinement clicks in the same crop; per-click figures into
+    ``out``. Returns the session and the time to first mask (s)."""
+    session = InteractiveSession(model, options)
     session.set_image(img)
     session.add_segment("tumour")
     t = time.perf_counter()
@@ -61,7 +101,7 @@ def run(args) -> dict:
     first = time.perf_counter() - t
     rng = np.random.default_rng(0)
     times, model_ms, paste_ms, encoded, region_vox = [], [], [], 0, []
-    for n in range(args.clicks):
+    for n in range(clicks):
         # within +-30 voxels in-plane (19 mm) and +-2 slices: stays inside the 192 mm crop
         off = np.array([rng.integers(-30, 31), rng.integers(-30, 31), rng.integers(-2, 3)], dtype=np.float64)
         p = np.clip(p0 + off, 0, np.array(img.GetSize()) - 1)
@@ -73,25 +113,32 @@ def run(args) -> dict:
         encoded += session.last_timing["encoded"]
         region_vox.append(region.voxels if region else 0)
     ms = np.array(times) * 1e3
-    out = {
-        "machine": machine_info(),
-        "image": "pyradiomics-3.0.1 data/lung2_image.nrrd (512x512x61, 0.63x0.63x5 mm)",
-        "model": "fastsam3d (recipe weights)",
-        "clicks": args.clicks,
-        "first_mask_s": round(first, 4),
-        "click_ms_p50": round(float(np.percentile(ms, 50)), 2),
-        "click_ms_p90": round(float(np.percentile(ms, 90)), 2),
-        "click_model_ms_p50": round(float(np.median(model_ms)), 2),
-        "click_paste_ms_p50": round(float(np.median(paste_ms)), 2),
-        "changed_region_voxels_median": int(np.median(region_vox)),
-        "re_encodes_during_clicks": int(encoded),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "rss_after_model_load_mb": round(rss_model, 1),
-        "rss_after_clicks_mb": round(current_rss_mb(), 1),
-    }
-    out.update(paste_small_region(session, p0))
-    if args.large:
-        out.update(run_large(model))
+    mask_voxels = int(session.mask().sum())
+    out.update(
+        {
+            "click_ms_p50": round(float(np.percentile(ms, 50)), 2),
+            "click_ms_p90": round(float(np.percentile(ms, 90)), 2),
+            "click_model_ms_p50": round(float(np.median(model_ms)), 2),
+            "click_paste_ms_p50": round(float(np.median(paste_ms)), 2),
+            "changed_region_voxels_median": int(np.median(region_vox)),
+            "final_mask_voxels": mask_voxels,
+            "re_encodes_during_clicks": int(encoded),
+        }
+    )
+    return session, first
+
+
+def variant(model, img, p0, clicks: int, options: SessionOptions, exact_mask: np.ndarray | None = None) -> dict:
+    out: dict = {}
+    session, first = click_run(model, img, p0, clicks, options, out)
+    out["first_mask_s"] = round(first, 4)
+    mask = session.mask()
+    if exact_mask is None:
+        out["mask"] = mask.copy()
+    else:
+        a, b = exact_mask.astype(bool), mask.astype(bool)
+        out["final_mask_dice_vs_exact"] = round(float(2 * (a & b).sum() / max(1, a.sum() + b.sum())), 5)
+        out["final_mask_voxels_differing"] = int((a != b).sum())
     return out
 
 
@@ -148,6 +195,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clicks", type=int, default=40)
     ap.add_argument("--large", action="store_true", help="also time a 1024^3 uint8 volume (needs ~3 GB)")
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="also run the clicks with bf16 upscaling and with trained-decoder weights (trains them first if not "
+        "cached in data/bench/, ~5 min)",
+    )
     args = ap.parse_args()
     setup_threads()
     emit(run(args), args.json)
