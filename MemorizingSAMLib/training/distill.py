@@ -74,7 +74,7 @@ def distillation_loss(
         losses.append(F.mse_loss(s_blocks[i], t_blocks[j]) / (t_blocks[j].var() + 1e-6))
     if with_embedding:
         losses.append(F.mse_loss(s_emb, t_emb) / (t_emb.var() + 1e-6))
-    return sum(losses), [float(v) for v in losses]
+    return sum(losses), [float(v.detach()) for v in losses]
 
 
 def distill_encoder(
