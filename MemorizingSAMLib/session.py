@@ -397,7 +397,9 @@ class InteractiveSession:
         else:
             clicks = [p for p in prompts if not p.is_box][-self.options.max_points :]
             use = [p for p in prompts if p.is_box or p in clicks]
-        coords, labels, boxes = [], [], None
+        # Voxel indices first, then one coordinate transform for all of them (per-point numpy calls add up to
+        # ~0.2 ms per click for 10 clicks right after the decoder has flushed the caches).
+        ijk, labels, clip, boxes = [], [], [], None
         box = next((p for p in prompts if p.is_box), None)
         for p in use:
             if p.is_box:
@@ -405,14 +407,13 @@ class InteractiveSession:
                     corners = crop.ras_to_crop(self.geometry.ijk_to_ras(np.stack([p.ijk, p.box_hi])))
                     boxes = torch.as_tensor(np.sort(corners, axis=0), dtype=self.dtype, device=self.device)[None]
                 else:
-                    coords.append(crop.ras_to_crop(self.geometry.ijk_to_ras(p.centre)))
+                    ijk.append(p.centre)
                     labels.append(1)
+                    clip.append(False)
             else:
-                xyz = crop.ras_to_crop(self.geometry.ijk_to_ras(np.asarray(p.ijk)))
-                if state.locked:
-                    xyz = np.clip(xyz, 0, crop.size - 1)  # a locked crop keeps clicks on its faces
-                coords.append(xyz)
+                ijk.append(p.ijk)
                 labels.append(1 if p.include else 0)
+                clip.append(state.locked)  # a locked crop keeps clicks on its faces
         lr = self.model.low_res_size
         if low_override is not None:
             mask_in = low_override
@@ -423,8 +424,11 @@ class InteractiveSession:
         else:
             mask_in = torch.zeros(1, 1, lr, lr, lr, dtype=self.dtype, device=self.device)
         pts = lab = None
-        if coords:
-            pts = torch.as_tensor(np.stack(coords), dtype=self.dtype, device=self.device)[None]
+        if ijk:
+            xyz = crop.ras_to_crop(self.geometry.ijk_to_ras(np.asarray(ijk, dtype=np.float64)))
+            clip = np.asarray(clip, dtype=bool)
+            xyz[clip] = np.clip(xyz[clip], 0, crop.size - 1)
+            pts = torch.as_tensor(xyz, dtype=self.dtype, device=self.device)[None]
             lab = torch.as_tensor(labels, device=self.device)[None]
         with torch.inference_mode():
             up = None if self.options.upscale_dtype is None else getattr(torch, self.options.upscale_dtype)

@@ -327,3 +327,29 @@ def test_bfloat16_upscaling_option_gives_nearly_the_same_masks(model):
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
     with pytest.raises(ValueError, match="upscale_dtype"):
         SessionOptions(upscale_dtype="float16")
+
+
+def test_points_reach_the_model_in_crop_voxels_and_a_locked_crop_clamps_them(model, monkeypatch):
+    """Clicks go to the decoder as crop voxel coordinates (x, y, z), in order; with a locked crop (the published
+    protocol) a click beyond the crop is put on its face, and clicks inside are passed as they are."""
+    s = InteractiveSession(model)
+    s.set_image(volume(shape=(40, 300, 110)), spacing=(0.8, 0.8, 2.5))
+    sid = s.add_segment()
+    s.lock_crop((50, 60, 20), sid)
+    seen = []
+    decode = model.decode
+
+    def spy(emb, pts, lab, *args, **kwargs):
+        seen.append((pts[0].numpy().copy(), lab[0].tolist()))
+        return decode(emb, pts, lab, *args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", spy)
+    s.add_point((50, 60, 20))
+    s.add_point((52, 290, 21), include=False)  # j = 290: ~184 mm from the centre, beyond the 96 mm half-crop
+    crop = s.segments[sid].state.crop
+    pts, lab = seen[-1]
+    assert lab == [1, 0]
+    exact = crop.ras_to_crop(s.geometry.ijk_to_ras(np.array([[50.0, 60, 20], [52, 290, 21]])))
+    np.testing.assert_allclose(pts[0], exact[0], atol=1e-4)
+    assert not crop.contains(exact[1])
+    np.testing.assert_allclose(pts[1], np.clip(exact[1], 0, crop.size - 1), atol=1e-4)
