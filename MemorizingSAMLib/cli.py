@@ -265,7 +265,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             from .memory_bank import MemoryBank
 
             memory = MemoryBank.load(args.memory, model)
-        methods.append(SessionSegmenter(model, memory=memory, legacy=args.legacy, upscale_dtype=args.upscale_dtype))
+        methods.append(SessionSegmenter(model, memory=memory, legacy=args.legacy, product_dtype=args.product_dtype))
     if args.baseline or not args.model:
         methods.append(RegionGrowingSegmenter())
     reports = []
@@ -619,9 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="also run the SimpleITK region-growing baseline")
     p.add_argument("--legacy", action="store_true", help="the published protocol (see above)")
     p.add_argument(
-        "--upscale-dtype",
+        "--product-dtype",
         choices=["bfloat16"],
-        help="the decoder's upscaling products in this dtype (SessionOptions.upscale_dtype); default exact",
+        help="the decoder's upscaling products in this dtype (SessionOptions.product_dtype); default exact",
     )
     p.add_argument("--montage", type=int, default=6, help="cases in the PNG montage")
     p.add_argument("--out", default="out/eval", help="folder for JSON and PNGs")

@@ -37,7 +37,7 @@ from .paste import PasteScratch, Region, positive_region, sample_tiles
 
 OVERLAP_POLICIES = ("allow", "protect")
 BOX_STRATEGIES = ("center_click", "center_click_mask_prompt")
-UPSCALE_DTYPES = (None, "bfloat16")
+PRODUCT_DTYPES = (None, "bfloat16")
 
 
 class PromptError(ValueError):
@@ -154,9 +154,9 @@ class SessionOptions:
     max_points: at most this many of the newest clicks in the crop go to the model; older ones act through the
         previous logits (the mask prompt). SAM-Med3D trains with 1-10 accumulated clicks, so 10 keeps the input in
         the training distribution and the decoder's cost bounded.
-    upscale_dtype: None (exact: the model's dtype) or "bfloat16": the decoder's two upscaling products in bfloat16
-        (see Sam3D.decode), ~2 ms less per click on CPUs with native bf16 dot products; masks differ from the exact
-        ones at a few boundary voxels (README, "The interactive session").
+    product_dtype: None (exact: the model's dtype) or "bfloat16": the mask decoder's large products with the image
+        tokens in bfloat16 (see Sam3D.decode), ~2 ms less per click on CPUs with native bf16 dot products; masks
+        differ from the exact ones at a few boundary voxels (README, "The interactive session").
     """
 
     newest_click_only: bool = False
@@ -166,11 +166,11 @@ class SessionOptions:
     clamp_to_box: bool = True
     recrop_margin: float = 0.0
     max_points: int = 10
-    upscale_dtype: str | None = None
+    product_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.upscale_dtype not in UPSCALE_DTYPES:
-            raise ValueError(f"upscale_dtype must be one of {UPSCALE_DTYPES}, got {self.upscale_dtype!r}")
+        if self.product_dtype not in PRODUCT_DTYPES:
+            raise ValueError(f"product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}")
         if self.overlap not in OVERLAP_POLICIES:
             raise ValueError(f"overlap must be one of {OVERLAP_POLICIES}, got {self.overlap!r}")
         if self.box_strategy not in BOX_STRATEGIES:
@@ -431,8 +431,8 @@ class InteractiveSession:
             pts = torch.as_tensor(xyz, dtype=self.dtype, device=self.device)[None]
             lab = torch.as_tensor(labels, device=self.device)[None]
         with torch.inference_mode():
-            up = None if self.options.upscale_dtype is None else getattr(torch, self.options.upscale_dtype)
-            low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes, iou=False, upscale_dtype=up)
+            up = None if self.options.product_dtype is None else getattr(torch, self.options.product_dtype)
+            low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes, iou=False, product_dtype=up)
         new_state = PromptState(
             crop=crop, prompts=prompts, low_res=low, last_region=state.last_region, locked=state.locked
         )

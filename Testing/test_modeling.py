@@ -112,7 +112,7 @@ def test_multimask_selects_masks_one_to_three():
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_bfloat16_upscaling_is_close_and_really_reduced(packed):
-    """upscale_dtype=torch.bfloat16: the two upscaling products in bf16 (packed oneDNN weights made on first use, or
+    """product_dtype=torch.bfloat16: the two upscaling products in bf16 (packed oneDNN weights made on first use, or
     cast per call without packs); logits close to the exact ones, and not the fp32 path in disguise."""
     torch.manual_seed(3)
     m = build_sam3d("memsam_tiny_student").eval()
@@ -257,3 +257,43 @@ def test_prepared_embedding_decoding_equals_the_literal_decoder(clicks, multimas
             torch.testing.assert_close(low, ref, rtol=0, atol=1e-10)
         # without a mask prompt the prepared embedding falls back to the plain path
         torch.testing.assert_close(m.decode(prep, pts, lab)[0], m.decode(emb, pts, lab)[0], rtol=0, atol=1e-12)
+
+
+def test_bfloat16_products_decode_close_to_the_literal_decoder():
+    """decode(product_dtype=torch.bfloat16): the products with the image tokens (cross-attentions, upscaling) in
+    bf16, on the plain and the prepared (click path) embedding: logits within 2 % of their range of the float64
+    literal decoder, and the transformer's image-side products really reduced (not only the upscaling)."""
+    torch.manual_seed(8)
+    m = build_sam3d("memsam_tiny_student").eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(1, 96, 8, 8, 8, generator=g)
+    pts = torch.rand(1, 6, 3, generator=g) * 63
+    lab = (torch.rand(1, 6, generator=g) > 0.3).long()
+    mask = torch.randn(1, 1, 32, 32, 32, generator=g) * 4
+    m64 = build_sam3d("memsam_tiny_student").double().eval()
+    m64.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        ref, _ = literal_decoder_reference(m64, emb.double(), pts.double(), lab, mask.double(), False)
+    scale = ref.abs().max().item()
+    m.prepare_for_inference()
+    with torch.inference_mode():
+        prep = m.prepare_embedding(emb)
+        for e in (emb, prep):
+            exact, _ = m.decode(e, pts, lab, mask, iou=False)
+            low, _ = m.decode(e, pts, lab, mask, iou=False, product_dtype=torch.bfloat16)
+            assert (exact.double() - ref).abs().max().item() < 1e-4 * scale
+            err = (low.double() - ref).abs().max().item()
+            assert 1e-4 * scale < err < 0.02 * scale
+        # the two-way transformer alone: its image-token output moves under bf16 products
+        tr = m.mask_decoder.transformer
+        src = torch.randn(1, 512, 96, generator=g)
+        pos = torch.randn(1, 512, 96, generator=g)
+        tok = torch.randn(1, 11, 96, generator=g)
+        q0, k0 = tr(src, pos, tok)
+        q1, k1 = tr(src, pos, tok, product_dtype=torch.bfloat16)
+        for a, b in ((q0, q1), (k0, k1)):
+            d = (a - b).abs().max().item()
+            assert 1e-5 < d < 0.05 * a.abs().max().item()

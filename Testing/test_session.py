@@ -311,10 +311,10 @@ def test_large_uint8_volume_copied_at_most_once(tmp_path):
 
 
 def test_bfloat16_upscaling_option_gives_nearly_the_same_masks(model):
-    """SessionOptions(upscale_dtype="bfloat16"): masks agree with the exact path up to a few boundary voxels."""
+    """SessionOptions(product_dtype="bfloat16"): masks agree with the exact path up to a few boundary voxels."""
     masks, logits = {}, {}
     for dtype in (None, "bfloat16"):
-        s = InteractiveSession(model, SessionOptions(upscale_dtype=dtype))
+        s = InteractiveSession(model, SessionOptions(product_dtype=dtype))
         s.set_image(volume(), spacing=(0.8, 0.8, 2.5))
         sid = s.add_segment()
         for ijk, include in [((50, 60, 20), True), ((62, 58, 18), True), ((40, 45, 22), False)]:
@@ -325,8 +325,8 @@ def test_bfloat16_upscaling_option_gives_nearly_the_same_masks(model):
     a, b = masks[None], masks["bfloat16"]
     assert a.sum() > 1000
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
-    with pytest.raises(ValueError, match="upscale_dtype"):
-        SessionOptions(upscale_dtype="float16")
+    with pytest.raises(ValueError, match="product_dtype"):
+        SessionOptions(product_dtype="float16")
 
 
 def test_points_reach_the_model_in_crop_voxels_and_a_locked_crop_clamps_them(model, monkeypatch):

@@ -3,7 +3,7 @@
     python benchmarks/bench_session.py --json --variants --large
 
 FastSAM3D architecture with the fixture-recipe weights (timing only: their masks cover ~half the crop, which is
-the worst case for the paste). ``--variants`` repeats the clicks with the opt-in bf16 upscaling and with weights
+the worst case for the paste). ``--variants`` repeats the clicks with the opt-in bf16 products and with weights
 whose masks have a realistic extent (the recipe model with its decoder trained briefly, trained_decoder.py). First
 click on the tumour's interior-most voxel; time to first mask = that click
 with an empty cache (crop, encode, decode, paste); then --clicks refinement clicks inside the same crop (embedding
@@ -75,15 +75,15 @@ def run(args) -> dict:
     out.update(paste_small_region(session, p0))
     del session
     if args.variants:
-        # the same clicks with the opt-in bf16 upscaling, and with weights whose masks have a realistic extent;
+        # the same clicks with the opt-in bf16 products, and with weights whose masks have a realistic extent;
         # bf16 runs report the Dice of their final mask with the exact run's
-        bf16 = SessionOptions(upscale_dtype="bfloat16")
-        out["recipe_bf16_upscale"] = variant(model, img, p0, args.clicks, bf16, exact_mask)
+        bf16 = SessionOptions(product_dtype="bfloat16")
+        out["recipe_bf16_products"] = variant(model, img, p0, args.clicks, bf16, exact_mask)
         del model
         trained = trained_decoder_model()
         out["trained_decoder"] = variant(trained, img, p0, args.clicks, SessionOptions())
         exact_mask = out["trained_decoder"].pop("mask")
-        out["trained_decoder_bf16_upscale"] = variant(trained, img, p0, args.clicks, bf16, exact_mask)
+        out["trained_decoder_bf16_products"] = variant(trained, img, p0, args.clicks, bf16, exact_mask)
         model = trained
     if args.large:
         out.update(run_large(model))
@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         action="store_true",
-        help="also run the clicks with bf16 upscaling and with trained-decoder weights (trains them first if not "
+        help="also run the clicks with bf16 products and with trained-decoder weights (trains them first if not "
         "cached in data/bench/, ~5 min)",
     )
     args = ap.parse_args()

@@ -37,13 +37,13 @@ class SessionSegmenter:
     """InteractiveSession in the evaluation harness."""
 
     def __init__(
-        self, model, memory=None, legacy: bool = False, name: str | None = None, upscale_dtype: str | None = None
+        self, model, memory=None, legacy: bool = False, name: str | None = None, product_dtype: str | None = None
     ):
-        options = SessionOptions(newest_click_only=legacy, upscale_dtype=upscale_dtype)
+        options = SessionOptions(newest_click_only=legacy, product_dtype=product_dtype)
         self.session = InteractiveSession(model, options, memory=memory)
         self.legacy = legacy
         self.name = name or (
-            model.cfg.name + (" +memory" if memory is not None else "") + (f" {upscale_dtype}" if upscale_dtype else "")
+            model.cfg.name + (" +memory" if memory is not None else "") + (f" {product_dtype}" if product_dtype else "")
         )
         self.seg = None
         self.last_latency_ms = 0.0

@@ -55,7 +55,7 @@ class MaskDecoder3D(nn.Module):
 
         ``compute_dtype`` (e.g. torch.bfloat16): the two transposed-convolution products in that dtype (fp32
         accumulation in oneDNN; LayerNorm, GELU and the hypernetwork product stay in the tokens' dtype); None:
-        everything in the tokens' dtype. See ``Sam3D.decode(upscale_dtype=...)``.
+        everything in the tokens' dtype. See ``Sam3D.decode(product_dtype=...)``.
         """
         up1, ln, act1, up2, _ = self.output_upscaling
         b, c = image_tokens.shape[0], image_tokens.shape[-1]
@@ -128,11 +128,12 @@ class MaskDecoder3D(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         with_iou: bool = True,
-        upscale_dtype: torch.dtype | None = None,
+        product_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """image_embeddings (B or 1, C, G, G, G); returns low-res logits (B, M, 4G, 4G, 4G) and IoU (B, M), or None
         with ``with_iou=False`` (the IoU token then skips the final attention and the IoU head).
-        ``upscale_dtype``: see :meth:`upscale_to_masks`."""
+        ``product_dtype``: the products with the image tokens (two-way transformer, upscaling) in that dtype,
+        see ``Sam3D.decode``."""
         b = sparse_prompt_embeddings.shape[0]
         g = image_embeddings.shape[-1]
         tokens = self._tokens(sparse_prompt_embeddings)
@@ -140,7 +141,7 @@ class MaskDecoder3D(nn.Module):
         # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
         src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
         pos = image_pe.flatten(2).transpose(1, 2).contiguous()
-        return self._run(src, pos, tokens, None, multimask_output, g, with_iou, upscale_dtype)
+        return self._run(src, pos, tokens, None, multimask_output, g, with_iou, product_dtype)
 
     def forward_prepared(
         self,
@@ -149,7 +150,7 @@ class MaskDecoder3D(nn.Module):
         mask_features: torch.Tensor,
         multimask_output: bool,
         with_iou: bool = True,
-        upscale_dtype: torch.dtype | None = None,
+        product_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward`` for a prepared embedding and the mask prompt's features (B, m, G, G, G) before the prompt
         encoder's last 1x1 convolution (see prepared.py); the same outputs up to rounding."""
@@ -169,7 +170,7 @@ class MaskDecoder3D(nn.Module):
             heads(torch.baddbmm(prep.v0, z, prep.mv.expand(b, -1, -1))),
             heads(torch.baddbmm(prep.q0, z, prep.mq.expand(b, -1, -1))).transpose(2, 3),
         )
-        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou, upscale_dtype)
+        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou, product_dtype)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """Decoder tokens (B, 1 + M + N, C): IoU token, mask tokens, then the sparse prompt embeddings."""
@@ -177,17 +178,17 @@ class MaskDecoder3D(nn.Module):
         return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
 
     def _run(
-        self, src, pos, tokens, proj, multimask_output: bool, g: int, with_iou: bool = True, upscale_dtype=None
+        self, src, pos, tokens, proj, multimask_output: bool, g: int, with_iou: bool = True, product_dtype=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         selected = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
         # Only the IoU token (if wanted) and the selected mask tokens are read after the transformer.
         rows = ([0] if with_iou else []) + [1 + i for i in selected]
-        hs, src = self.transformer(src, pos, tokens, proj, rows=rows)
+        hs, src = self.transformer(src, pos, tokens, proj, rows=rows, product_dtype=product_dtype)
         first = 1 if with_iou else 0
         hyper = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, first + j]) for j, i in enumerate(selected)], dim=1
         )
-        masks = self.upscale_to_masks(src, hyper, g, upscale_dtype)
+        masks = self.upscale_to_masks(src, hyper, g, product_dtype)
         if not with_iou:
             return masks, None
         iou = self.iou_prediction_head(hs[:, 0])

@@ -42,7 +42,7 @@ class Sam3D(nn.Module):
         boxes: torch.Tensor | None = None,
         multimask_output: bool = False,
         iou: bool = True,
-        upscale_dtype: torch.dtype | None = None,
+        product_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One prompt step.
 
@@ -53,10 +53,11 @@ class Sam3D(nn.Module):
             mask_input: (B, 1, 4G, 4G, 4G) previous low-res logits (raw), or None.
             boxes: (B, 2, 3) corners, only for models with box embeddings.
             iou: False skips the IoU prediction (returned as None); the logits are the same.
-            upscale_dtype: None (default: exact, the model's dtype), or a lower precision (torch.bfloat16) for the
-                mask decoder's two upscaling products, ~60 % of the decoder's multiply-adds: faster on CPUs with
-                native bf16 dot products (AVX512-BF16, AMX) and on GPUs; the logits then differ from the exact
-                ones by ~1e-2 (measured figures in the README).
+            product_dtype: None (default: exact, in the model's dtype), or a lower precision (torch.bfloat16) for
+                the mask decoder's large products with the image tokens: the cross-attentions' products with the 512
+                image tokens and both upscaling products, ~85 % of the decoder's multiply-adds (token-side layers,
+                softmax, LayerNorm and residuals stay exact). Faster on CPUs with native bf16 dot products
+                (AVX512-BF16, AMX) and on GPUs; logits then differ from the exact ones by ~1e-2 (README).
         Returns:
             low-res logits (B, M, 4G, 4G, 4G) and IoU predictions (B, M); M = 1, or 3 with ``multimask_output``.
         """
@@ -68,12 +69,12 @@ class Sam3D(nn.Module):
                 if sparse.shape[0] != z.shape[0]:
                     sparse = sparse.expand(z.shape[0], -1, -1)
                 return self.mask_decoder.forward_prepared(
-                    image_embedding, sparse, z, multimask_output, iou, upscale_dtype
+                    image_embedding, sparse, z, multimask_output, iou, product_dtype
                 )
             image_embedding = image_embedding.embedding
         sparse, dense = self.prompt_encoder(pts, boxes, mask_input)
         pe = self.prompt_encoder.get_dense_pe()
-        return self.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, iou, upscale_dtype)
+        return self.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, iou, product_dtype)
 
     def prepare_embedding(self, image_embedding: torch.Tensor) -> PreparedEmbedding:
         """What every :meth:`decode` of this (1, C, G, G, G) embedding shares, computed once (see prepared.py);
