@@ -3,11 +3,11 @@
     python benchmarks/bench_session.py --json --variants --large
 
 FastSAM3D architecture with the fixture-recipe weights (timing only: their masks cover ~half the crop, which is
-the worst case for the paste). ``--variants`` repeats the clicks with the opt-in bf16 products and with weights
-whose masks have a realistic extent (the recipe model with its decoder trained briefly, trained_decoder.py). First
-click on the tumour's interior-most voxel; time to first mask = that click
+the worst case for the paste). First click on the tumour's interior-most voxel; time to first mask = that click
 with an empty cache (crop, encode, decode, paste); then --clicks refinement clicks inside the same crop (embedding
-cached), alternating include/exclude, each timed end to end (decode + paste into the 512x512x61 mask).
+cached), include, include, exclude, ..., each timed end to end (decode + paste into the 512x512x61 mask).
+``--variants`` then repeats the clicks with weights whose masks have a lesion's extent (the recipe model with its
+decoder trained briefly, trained_decoder.py) and compares exact with the opt-in bf16 products (see variants()).
 ``--large`` also runs a 1024^3 uint8 volume and reports its peak RSS.
 """
 
@@ -71,22 +71,23 @@ def run(args) -> dict:
             "rss_after_clicks_mb": round(current_rss_mb(), 1),
         }
     )
-    exact_mask = session.mask().copy()
     out.update(paste_small_region(session, p0))
     del session
     if args.variants:
-        # the same clicks with the opt-in bf16 products, and with weights whose masks have a realistic extent;
-        # bf16 runs report the Dice of their final mask with the exact run's
-        bf16 = SessionOptions(product_dtype="bfloat16")
-        out["recipe_bf16_products"] = variant(model, img, p0, args.clicks, bf16, exact_mask)
-        del model
-        trained = trained_decoder_model()
-        out["trained_decoder"] = variant(trained, img, p0, args.clicks, SessionOptions())
-        exact_mask = out["trained_decoder"].pop("mask")
-        out["trained_decoder_bf16_products"] = variant(trained, img, p0, args.clicks, bf16, exact_mask)
-        model = trained
+        out["variants"] = variants(model, img, p0, args.clicks)
     if args.large:
         out.update(run_large(model))
+    return out
+
+
+def click_points(img, p0: np.ndarray, clicks: int) -> list[tuple[np.ndarray, bool]]:
+    """The refinement clicks: within +-30 voxels in-plane (19 mm) and +-2 slices of the first (inside the 192 mm
+    crop), include, include, exclude, ..."""
+    rng = np.random.default_rng(0)
+    out = []
+    for n in range(clicks):
+        off = np.array([rng.integers(-30, 31), rng.integers(-30, 31), rng.integers(-2, 3)], dtype=np.float64)
+        out.append((np.clip(p0 + off, 0, np.array(img.GetSize()) - 1), n % 3 != 2))
     return out
 
 
@@ -99,46 +100,71 @@ def click_run(model, img, p0, clicks: int, options: SessionOptions, out: dict) -
     t = time.perf_counter()
     session.add_point(p0)
     first = time.perf_counter() - t
-    rng = np.random.default_rng(0)
-    times, model_ms, paste_ms, encoded, region_vox = [], [], [], 0, []
-    for n in range(clicks):
-        # within +-30 voxels in-plane (19 mm) and +-2 slices: stays inside the 192 mm crop
-        off = np.array([rng.integers(-30, 31), rng.integers(-30, 31), rng.integers(-2, 3)], dtype=np.float64)
-        p = np.clip(p0 + off, 0, np.array(img.GetSize()) - 1)
-        t = time.perf_counter()
-        region = session.add_point(p, include=n % 3 != 2)
-        times.append(time.perf_counter() - t)
-        model_ms.append(session.last_timing["model_ms"])
-        paste_ms.append(session.last_timing["paste_ms"])
-        encoded += session.last_timing["encoded"]
-        region_vox.append(region.voxels if region else 0)
-    ms = np.array(times) * 1e3
-    mask_voxels = int(session.mask().sum())
-    out.update(
-        {
-            "click_ms_p50": round(float(np.percentile(ms, 50)), 2),
-            "click_ms_p90": round(float(np.percentile(ms, 90)), 2),
-            "click_model_ms_p50": round(float(np.median(model_ms)), 2),
-            "click_paste_ms_p50": round(float(np.median(paste_ms)), 2),
-            "changed_region_voxels_median": int(np.median(region_vox)),
-            "final_mask_voxels": mask_voxels,
-            "re_encodes_during_clicks": int(encoded),
-        }
-    )
+    rec = Record()
+    for p, include in click_points(img, p0, clicks):
+        rec.click(session, p, include)
+    out.update(rec.summary(session))
     return session, first
 
 
-def variant(model, img, p0, clicks: int, options: SessionOptions, exact_mask: np.ndarray | None = None) -> dict:
-    out: dict = {}
-    session, first = click_run(model, img, p0, clicks, options, out)
-    out["first_mask_s"] = round(first, 4)
-    mask = session.mask()
-    if exact_mask is None:
-        out["mask"] = mask.copy()
-    else:
-        a, b = exact_mask.astype(bool), mask.astype(bool)
-        out["final_mask_dice_vs_exact"] = round(float(2 * (a & b).sum() / max(1, a.sum() + b.sum())), 5)
-        out["final_mask_voxels_differing"] = int((a != b).sum())
+class Record:
+    """Per-click timings of one session."""
+
+    def __init__(self) -> None:
+        self.ms, self.model_ms, self.paste_ms, self.region_vox, self.encoded = [], [], [], [], 0
+
+    def click(self, session: InteractiveSession, p: np.ndarray, include: bool) -> None:
+        t = time.perf_counter()
+        region = session.add_point(p, include=include)
+        self.ms.append((time.perf_counter() - t) * 1e3)
+        self.model_ms.append(session.last_timing["model_ms"])
+        self.paste_ms.append(session.last_timing["paste_ms"])
+        self.encoded += session.last_timing["encoded"]
+        self.region_vox.append(region.voxels if region else 0)
+
+    def summary(self, session: InteractiveSession) -> dict:
+        return {
+            "click_ms_p50": round(float(np.percentile(self.ms, 50)), 2),
+            "click_ms_p90": round(float(np.percentile(self.ms, 90)), 2),
+            "click_model_ms_p50": round(float(np.median(self.model_ms)), 2),
+            "click_paste_ms_p50": round(float(np.median(self.paste_ms)), 2),
+            "changed_region_voxels_median": int(np.median(self.region_vox)),
+            "final_mask_voxels": int(session.mask().sum()),
+            "re_encodes_during_clicks": int(self.encoded),
+        }
+
+
+def variants(recipe, img, p0, clicks: int) -> dict:
+    """The clicks again with weights whose masks have a lesion's extent (the recipe model with its decoder trained
+    briefly, trained_decoder.py), alone in its session like the main run; then, for both sets of weights, exact vs
+    the opt-in bf16 products as an A/B: two sessions of the same model clicked in turn, click by click (this
+    machine's speed drifts within seconds, so runs one after the other would compare phases), with the Dice of the
+    two final masks."""
+    trained = trained_decoder_model()
+    out: dict = {"trained_decoder": {}}
+    _, first = click_run(trained, img, p0, clicks, SessionOptions(), out["trained_decoder"])
+    out["trained_decoder"]["first_mask_s"] = round(first, 4)
+    for name, model in (("recipe", recipe), ("trained_decoder", trained)):
+        out[f"ab_bf16_products_{name}"] = paired(model, img, p0, clicks)
+    return out
+
+
+def paired(model, img, p0, clicks: int) -> dict:
+    setups = {"exact": SessionOptions(), "bf16_products": SessionOptions(product_dtype="bfloat16")}
+    sessions, records = {}, {}
+    for name, options in setups.items():
+        s = InteractiveSession(model, options)
+        s.set_image(img)
+        s.add_segment("tumour")
+        s.add_point(p0)
+        sessions[name], records[name] = s, Record()
+    for p, include in click_points(img, p0, clicks):
+        for name, s in sessions.items():
+            records[name].click(s, p, include)
+    out = {name: records[name].summary(s) for name, s in sessions.items()}
+    a, b = (sessions[n].mask().astype(bool) for n in setups)
+    out["final_mask_dice"] = round(float(2 * (a & b).sum() / max(1, a.sum() + b.sum())), 5)
+    out["final_mask_voxels_differing"] = int((a != b).sum())
     return out
 
 
