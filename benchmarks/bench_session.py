@@ -73,10 +73,10 @@ def run(args) -> dict:
     )
     out.update(paste_small_region(session, p0))
     del session
+    if args.large:  # before the variants, which load a second model (peak RSS is a high-water mark)
+        out.update(run_large(model))
     if args.variants:
         out["variants"] = variants(model, img, p0, args.clicks)
-    if args.large:
-        out.update(run_large(model))
     return out
 
 
