@@ -91,15 +91,21 @@ def click_points(img, p0: np.ndarray, clicks: int) -> list[tuple[np.ndarray, boo
     return out
 
 
-def click_run(model, img, p0, clicks: int, options: SessionOptions, out: dict) -> tuple[InteractiveSession, float]:
-    """First click (empty cache), then ``clicks`` refinement clicks in the same crop; per-click figures into
-    ``out``. Returns the session and the time to first mask (s)."""
+def first_click(model, img, p0, options: SessionOptions) -> tuple[InteractiveSession, float]:
+    """A new session on ``img`` with one segment and its first click at ``p0``; returns it and that click's time (s,
+    empty embedding cache: crop, encode, prepare, decode, paste)."""
     session = InteractiveSession(model, options)
     session.set_image(img)
     session.add_segment("tumour")
     t = time.perf_counter()
     session.add_point(p0)
-    first = time.perf_counter() - t
+    return session, time.perf_counter() - t
+
+
+def click_run(model, img, p0, clicks: int, options: SessionOptions, out: dict) -> tuple[InteractiveSession, float]:
+    """First click (empty cache), then ``clicks`` refinement clicks in the same crop; per-click figures into
+    ``out``. Returns the session and the time to first mask (s)."""
+    session, first = first_click(model, img, p0, options)
     rec = Record()
     for p, include in click_points(img, p0, clicks):
         rec.click(session, p, include)
@@ -153,11 +159,8 @@ def paired(model, img, p0, clicks: int) -> dict:
     setups = {"exact": SessionOptions(), "bf16_products": SessionOptions(product_dtype="bfloat16")}
     sessions, records = {}, {}
     for name, options in setups.items():
-        s = InteractiveSession(model, options)
-        s.set_image(img)
-        s.add_segment("tumour")
-        s.add_point(p0)
-        sessions[name], records[name] = s, Record()
+        sessions[name], _ = first_click(model, img, p0, options)
+        records[name] = Record()
     for p, include in click_points(img, p0, clicks):
         for name, s in sessions.items():
             records[name].click(s, p, include)
