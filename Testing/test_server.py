@@ -45,11 +45,9 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(m, tmp_path_factory.mktemp("m") / "tiny.pt")
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def start_server(ckpt, token_file, *extra):
+    """A real ``memsam serve`` process on a free port of 127.0.0.1, once it answers: (process, url)."""
     port = free_port()
-    tok = tmp_path_factory.mktemp("t") / "token"
-    tok.write_text(TOKEN + "\n")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -61,13 +59,10 @@ def server(ckpt, tmp_path_factory):
             "--port",
             str(port),
             "--token-file",
-            str(tok),
-            "--max-upload-mb",
-            "1",
-            "--max-sessions",
-            "12",
+            str(token_file),
             "--device",
             "cpu",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -77,11 +72,28 @@ def server(ckpt, tmp_path_factory):
     for _ in range(300):
         try:
             urllib.request.urlopen(url + "/health", timeout=1).read()
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError(proc.stderr.read()) from None
             time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("the server did not answer within 30 s")
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    tok = tmp_path_factory.mktemp("t") / "token"
+    tok.write_text(TOKEN + "\n")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, token_file):
+    # Masks are compared byte for byte with in-process ones: the decoder's rounding depends on the thread count
+    # (measured: logits differ by ~2e-6 between 1 and 2 threads), so the server uses this process's.
+    threads = str(torch.get_num_threads())
+    proc, url = start_server(ckpt, token_file, "--max-upload-mb", "1", "--max-sessions", "12", "--threads", threads)
     yield url
     proc.terminate()
     proc.wait(10)
@@ -109,8 +121,20 @@ def random_clicks(seed, n):
 def test_info_and_schema(server):
     info = RemoteSession(server, TOKEN).info()
     assert info["model"] == "memsam_tiny_student" and info["limits"]["max_upload_bytes"] == 2**20
+    assert info["threads"] == torch.get_num_threads()
     schema = json.loads(urllib.request.urlopen(server + "/openapi.json").read())
     assert "/sessions/{sid}/segments/{seg}/points" in schema["paths"]
+
+
+def test_threads_option_reaches_the_model_thread(ckpt, token_file, memsam):
+    proc, url = start_server(ckpt, token_file, "--threads", "1")
+    try:
+        assert RemoteSession(url, TOKEN).info()["threads"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    r = memsam("serve", "--model", ckpt, "--threads", "0", "--port", free_port())
+    assert r.returncode != 0 and "--threads 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_remote_equals_in_process_with_undo_redo_and_prompts(server, ckpt):
