@@ -8,7 +8,9 @@ with an empty cache (crop, encode, decode, paste); then --clicks refinement clic
 cached), include, include, exclude, ..., each timed end to end (decode + paste into the 512x512x61 mask).
 ``--variants`` then repeats the clicks with weights whose masks have a lesion's extent (the recipe model with its
 decoder trained briefly, trained_decoder.py) and compares exact with the opt-in bf16 products (see variants()).
-``--large`` also runs a 1024^3 uint8 volume and reports its peak RSS.
+``--large`` also runs a 1024^3 uint8 volume and reports its peak RSS. ``--repeat R`` then clicks the same clicks
+R more times, ``--interval`` seconds apart, each time with the GEMM calibration measured first: this machine's
+speed drifts by up to 1.7x over minutes, and one run samples one phase (see repeats()).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_info, recipe_model, setup_threads  # noqa: E402
+from common import calibration_gflops, emit, machine_info, recipe_model, setup_threads  # noqa: E402
 from trained_decoder import trained_decoder_model  # noqa: E402
 
 from MemorizingSAMLib.datasets import fetch_pyradiomics_data  # noqa: E402
@@ -75,8 +77,11 @@ def run(args) -> dict:
     del session
     if args.large:  # before the variants, which load a second model (peak RSS is a high-water mark)
         out.update(run_large(model))
+    trained = trained_decoder_model() if args.variants else None
     if args.variants:
-        out["variants"] = variants(model, img, p0, args.clicks)
+        out["variants"] = variants(model, trained, img, p0, args.clicks)
+    if args.repeat:
+        out["repeats"] = repeats(model, trained, img, p0, args.clicks, args.repeat, args.interval)
     return out
 
 
@@ -140,18 +145,54 @@ class Record:
         }
 
 
-def variants(recipe, img, p0, clicks: int) -> dict:
+def variants(recipe, trained, img, p0, clicks: int) -> dict:
     """The clicks again with weights whose masks have a lesion's extent (the recipe model with its decoder trained
     briefly, trained_decoder.py), alone in its session like the main run; then, for both sets of weights, exact vs
     the opt-in bf16 products as an A/B: two sessions of the same model clicked in turn, click by click (this
     machine's speed drifts within seconds, so runs one after the other would compare phases), with the Dice of the
     two final masks."""
-    trained = trained_decoder_model()
     out: dict = {"trained_decoder": {}}
     _, first = click_run(trained, img, p0, clicks, SessionOptions(), out["trained_decoder"])
     out["trained_decoder"]["first_mask_s"] = round(first, 4)
     for name, model in (("recipe", recipe), ("trained_decoder", trained)):
         out[f"ab_bf16_products_{name}"] = paired(model, img, p0, clicks)
+    return out
+
+
+def repeats(recipe, trained, img, p0, clicks: int, n: int, interval_s: float, target_ms: float = 15.0) -> dict:
+    """``n`` more runs of the refinement clicks, ``interval_s`` apart, each after a GEMM calibration; with
+    ``trained`` (--variants) its session is clicked in turn with the recipe's, click by click, so both see the same
+    machine phase. Per run: p50/p90 and the model/paste split; over runs: median, range and how many runs had a
+    p50 within ``target_ms``."""
+    models = {"recipe": recipe} if trained is None else {"recipe": recipe, "trained_decoder": trained}
+    sessions = {name: first_click(m, img, p0, SessionOptions())[0] for name, m in models.items()}
+    runs = []
+    for r in range(n):
+        if r:
+            time.sleep(interval_s)
+        row: dict = {"calibration_gemm_gflops": calibration_gflops()}
+        records = {name: Record() for name in sessions}
+        for p, include in click_points(img, p0, clicks):
+            for name, s in sessions.items():
+                records[name].click(s, p, include)
+        for name, s in sessions.items():
+            summary = records[name].summary(s)
+            row[name] = {k: v for k, v in summary.items() if k.startswith("click_")}
+        runs.append(row)
+    out: dict = {"interval_s": interval_s, "runs": runs}
+    for name in sessions:
+        p50 = [row[name]["click_ms_p50"] for row in runs]
+        p90 = [row[name]["click_ms_p90"] for row in runs]
+        out[name] = {
+            "click_ms_p50_median": round(float(np.median(p50)), 2),
+            "click_ms_p50_min": min(p50),
+            "click_ms_p50_max": max(p50),
+            "click_ms_p90_median": round(float(np.median(p90)), 2),
+            f"runs_with_p50_within_{target_ms:g}_ms": sum(v <= target_ms for v in p50),
+            "runs": len(p50),
+        }
+    cal = [row["calibration_gemm_gflops"] for row in runs]
+    out["calibration_gemm_gflops_range"] = [min(cal), max(cal)]
     return out
 
 
@@ -230,7 +271,11 @@ def main() -> None:
         help="also run the clicks with bf16 products and with trained-decoder weights (trains them first if not "
         "cached in data/bench/, ~5 min)",
     )
+    ap.add_argument("--repeat", type=int, default=0, help="this many more runs of the clicks (see repeats())")
+    ap.add_argument("--interval", type=float, default=15.0, help="seconds between --repeat runs")
     args = ap.parse_args()
+    if args.repeat < 0 or args.interval < 0:
+        ap.error("--repeat and --interval must not be negative")
     setup_threads()
     emit(run(args), args.json)
 
