@@ -97,9 +97,18 @@ class RemoteSession:
             origin=np.asarray(origin or (0, 0, 0), float),
             direction=np.asarray(direction if direction is not None else np.eye(3), float).reshape(-1),
         )
+        payload = buf.getvalue()
+        # Checked before sending: hundreds of MB are not uploaded only to be refused.
+        limit = self.info().get("limits", {}).get("max_upload_bytes")
+        if limit is not None and len(payload) > limit:
+            raise RemoteError(
+                413,
+                f"the volume is {len(payload)} bytes compressed, over the server's upload limit of {limit} bytes "
+                "(memsam serve --max-upload-mb)",
+            )
         if self.sid:
             self.close()
-        r = self._request("POST", "/sessions?format=npz", buf.getvalue(), "application/octet-stream")
+        r = self._request("POST", "/sessions?format=npz", payload, "application/octet-stream")
         self.sid, self.size = r["session"], tuple(r["size"])
         self.masks.clear()
         return r
