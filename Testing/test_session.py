@@ -353,3 +353,24 @@ def test_points_reach_the_model_in_crop_voxels_and_a_locked_crop_clamps_them(mod
     np.testing.assert_allclose(pts[0], exact[0], atol=1e-4)
     assert not crop.contains(exact[1])
     np.testing.assert_allclose(pts[1], np.clip(exact[1], 0, crop.size - 1), atol=1e-4)
+
+
+def test_a_click_repeated_at_one_spot_counts_once_towards_max_points(model, monkeypatch):
+    """Only the newest ``max_points`` clicks reach the decoder, chosen by position: repeats of one click (the same
+    voxel clicked again, as simulated users do) do not bring their older copies along."""
+    s = InteractiveSession(model, SessionOptions(max_points=3))
+    s.set_image(volume(), spacing=(0.8, 0.8, 2.5))
+    s.add_segment()
+    seen = []
+    decode = model.decode
+
+    def spy(emb, pts, lab, *args, **kwargs):
+        seen.append(lab[0].tolist())
+        return decode(emb, pts, lab, *args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", spy)
+    clicks = [((50, 60, 20), True), ((55, 62, 20), False), ((50, 60, 20), True), ((45, 58, 21), True)]
+    for ijk, include in clicks + clicks:
+        s.add_point(ijk, include)
+    assert [len(lab) for lab in seen] == [1, 2, 3, 3, 3, 3, 3, 3]
+    assert seen[-1] == [0, 1, 1]  # the last three clicks, in order
