@@ -129,6 +129,12 @@ class Step:
     before: PromptState
     after: PromptState
     edits: list[MaskEdit]
+    nbytes: int = 0  # what the step holds (set by Segment.push): packed mask bits + its result's low-res logits
+
+    def measure(self) -> int:
+        n = sum(e.before.nbytes + e.after.nbytes for e in self.edits)
+        low = self.after.low_res
+        return n + (low.numel() * low.element_size() if low is not None else 0)
 
 
 @dataclass
@@ -139,6 +145,20 @@ class Segment:
     state: PromptState = field(default_factory=PromptState)
     undo: list[Step] = field(default_factory=list)
     redo: list[Step] = field(default_factory=list)
+    undo_bytes: int = 0  # sum of the undo steps' nbytes
+
+    def push(self, step: Step, max_bytes: int) -> None:
+        """A new step: it clears the redo list; the oldest steps go while the history holds more than
+        ``max_bytes`` (the newest one always stays)."""
+        step.nbytes = step.measure()
+        self.undo.append(step)
+        self.undo_bytes += step.nbytes
+        self.redo.clear()
+        drop = 0
+        while self.undo_bytes > max_bytes and drop < len(self.undo) - 1:
+            self.undo_bytes -= self.undo[drop].nbytes
+            drop += 1
+        del self.undo[:drop]
 
 
 @dataclass(frozen=True)
@@ -167,8 +187,13 @@ class SessionOptions:
     recrop_margin: float = 0.0
     max_points: int = 10
     product_dtype: str | None = None
+    max_undo_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
+        if self.max_points < 1:
+            raise ValueError(f"max_points must be >= 1, got {self.max_points}")
+        if self.max_undo_bytes < 0:
+            raise ValueError(f"max_undo_bytes must be >= 0, got {self.max_undo_bytes}")
         if self.product_dtype not in PRODUCT_DTYPES:
             raise ValueError(f"product_dtype must be one of {PRODUCT_DTYPES}, got {self.product_dtype!r}")
         if self.overlap not in OVERLAP_POLICIES:
@@ -519,8 +544,7 @@ class InteractiveSession:
                     e.undo(seg.mask)
                 raise
         state.last_region = new_region
-        seg.undo.append(Step(seg.id, before, self._snapshot(state), edits))
-        seg.redo.clear()
+        seg.push(Step(seg.id, before, self._snapshot(state), edits), self.options.max_undo_bytes)
         seg.state = state
         return _bounding(edits)
 
@@ -536,6 +560,7 @@ class InteractiveSession:
         if not seg.undo:
             return None
         step = seg.undo.pop()
+        seg.undo_bytes -= step.nbytes
         for e in reversed(step.edits):
             e.undo(self.segments[e.segment].mask)
         seg.state = self._snapshot(step.before)
@@ -551,6 +576,7 @@ class InteractiveSession:
             e.redo(self.segments[e.segment].mask)
         seg.state = self._snapshot(step.after)
         seg.undo.append(step)
+        seg.undo_bytes += step.nbytes
         return _bounding(step.edits)
 
     def reset(self, segment: int | None = None) -> Region | None:
@@ -569,8 +595,7 @@ class InteractiveSession:
             edits.append(MaskEdit.between(seg.id, region, view, np.zeros_like(view)))
             view[...] = 0
         seg.state = PromptState()
-        seg.undo.append(Step(seg.id, before, self._snapshot(seg.state), edits))
-        seg.redo.clear()
+        seg.push(Step(seg.id, before, self._snapshot(seg.state), edits), self.options.max_undo_bytes)
         return region
 
     # --------------------------------------------------------------------------------------------- export

@@ -374,3 +374,47 @@ def test_a_click_repeated_at_one_spot_counts_once_towards_max_points(model, monk
         s.add_point(ijk, include)
     assert [len(lab) for lab in seen] == [1, 2, 3, 3, 3, 3, 3, 3]
     assert seen[-1] == [0, 1, 1]  # the last three clicks, in order
+
+
+def test_undo_history_is_bounded_and_what_stays_still_restores_exactly(model):
+    """Beyond max_undo_bytes the oldest steps go (the newest always stays); the steps kept undo to the masks of
+    their time byte for byte, and the count of bytes held matches the steps kept."""
+    probe = InteractiveSession(model)
+    probe.set_image(volume(), spacing=(0.8, 0.8, 2.5))
+    probe.add_segment()
+    probe.add_point((50, 60, 20))
+    one_step = probe.segments[probe.active].undo[-1].nbytes
+    assert one_step > 0
+
+    s = InteractiveSession(model, SessionOptions(max_undo_bytes=3 * one_step))
+    s.set_image(volume(), spacing=(0.8, 0.8, 2.5))
+    sid = s.add_segment()
+    clicks = [((50, 60, 20), True), ((55, 62, 20), True), ((45, 58, 21), False), ((52, 66, 19), True)]
+    clicks += [((48, 57, 20), True), ((58, 60, 21), False), ((50, 64, 20), True), ((46, 62, 19), True)]
+    masks = [s.mask(sid).copy()]
+    for ijk, include in clicks:
+        s.add_point(ijk, include)
+        masks.append(s.mask(sid).copy())
+    seg = s.segments[sid]
+    assert 1 <= len(seg.undo) < len(clicks)
+    assert seg.undo_bytes == sum(st.nbytes for st in seg.undo)
+    assert seg.undo_bytes <= 3 * one_step or len(seg.undo) == 1
+    kept = len(seg.undo)
+    for n in range(1, kept + 1):
+        s.undo(sid)
+        assert np.array_equal(s.mask(sid), masks[-1 - n])
+    assert s.undo(sid) is None and np.array_equal(s.mask(sid), masks[-1 - kept])  # the dropped ones are gone
+    for _ in range(kept):
+        s.redo(sid)
+    assert np.array_equal(s.mask(sid), masks[-1]) and seg.undo_bytes == sum(st.nbytes for st in seg.undo)
+
+    tiny = InteractiveSession(model, SessionOptions(max_undo_bytes=0))
+    tiny.set_image(volume(), spacing=(0.8, 0.8, 2.5))
+    t = tiny.add_segment()
+    for ijk, include in clicks[:3]:
+        tiny.add_point(ijk, include)
+    assert len(tiny.segments[t].undo) == 1  # the newest step stays whatever the bound
+    with pytest.raises(ValueError, match="max_undo_bytes"):
+        SessionOptions(max_undo_bytes=-1)
+    with pytest.raises(ValueError, match="max_points"):
+        SessionOptions(max_points=0)
