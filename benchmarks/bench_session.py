@@ -161,9 +161,9 @@ def variants(recipe, trained, img, p0, clicks: int) -> dict:
 
 def repeats(recipe, trained, img, p0, clicks: int, n: int, interval_s: float, target_ms: float = 15.0) -> dict:
     """``n`` more runs of the refinement clicks, ``interval_s`` apart, each after a GEMM calibration; with
-    ``trained`` (--variants) its session is clicked in turn with the recipe's, click by click, so both see the same
-    machine phase. Per run: p50/p90 and the model/paste split; over runs: median, range and how many runs had a
-    p50 within ``target_ms``."""
+    ``trained`` (--variants) its session's clicks follow the recipe's in each run (in a block, as a user works with
+    one model: clicked in turn, each decode would start with the other model's weights in the caches). Per run:
+    p50/p90 and the model/paste split; over runs: median, range and how many runs had a p50 within ``target_ms``."""
     models = {"recipe": recipe} if trained is None else {"recipe": recipe, "trained_decoder": trained}
     sessions = {name: first_click(m, img, p0, SessionOptions())[0] for name, m in models.items()}
     runs = []
@@ -171,13 +171,11 @@ def repeats(recipe, trained, img, p0, clicks: int, n: int, interval_s: float, ta
         if r:
             time.sleep(interval_s)
         row: dict = {"calibration_gemm_gflops": calibration_gflops()}
-        records = {name: Record() for name in sessions}
-        for p, include in click_points(img, p0, clicks):
-            for name, s in sessions.items():
-                records[name].click(s, p, include)
         for name, s in sessions.items():
-            summary = records[name].summary(s)
-            row[name] = {k: v for k, v in summary.items() if k.startswith("click_")}
+            rec = Record()
+            for p, include in click_points(img, p0, clicks):
+                rec.click(s, p, include)
+            row[name] = {k: v for k, v in rec.summary(s).items() if k.startswith("click_")}
         runs.append(row)
     out: dict = {"interval_s": interval_s, "runs": runs}
     for name in sessions:
