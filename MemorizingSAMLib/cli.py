@@ -432,6 +432,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print("memsam serve: warning: listening beyond this machine without --token-file", file=sys.stderr)
     device = _device(args)
+    if args.max_undo_mb < 0:
+        raise UsageError(f"--max-undo-mb {args.max_undo_mb}: expected a number >= 0")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads}: expected a whole number >= 1")
     worker = model_thread()  # load and serve on the same single thread (see server.model_thread)
@@ -453,6 +455,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_voxels=args.max_voxels,
         max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout,
+        undo_bytes_per_segment=int(args.max_undo_mb * 2**20),
     )
     print(f"serving {model.cfg.name} on {device} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     serve(model, args.host, args.port, memory, token, limits, worker)
@@ -597,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-voxels", type=int, default=1024**3)
     p.add_argument("--max-sessions", type=int, default=16)
     p.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds before an unused session is dropped")
+    p.add_argument(
+        "--max-undo-mb", type=float, default=64.0, help="undo history per segment (oldest steps dropped beyond it)"
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--threads", type=int, help="CPU threads for the model (default: torch's, one per core); less on a shared host"

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - reported by create_app
 
 from .geometry import ImageError, image_from_array
 from .paste import Region
-from .session import InteractiveSession, Prompt, PromptError
+from .session import InteractiveSession, Prompt, PromptError, SessionOptions
 
 # A refused upload is read to its end (up to this many bytes more) before the answer: a server that answers and
 # closes while the client is still sending makes the client's send fail ("Broken pipe": 18 of 300 uploads of 1 MB
@@ -70,6 +70,7 @@ class ServerLimits:
     max_sessions: int = 16
     idle_timeout_s: float = 3600.0
     cache_bytes_per_session: int = 256 * 2**20
+    undo_bytes_per_segment: int = 64 * 2**20  # SessionOptions.max_undo_bytes of the server's sessions
 
 
 def encode_region(mask: np.ndarray, region: Region | None) -> dict | None:
@@ -205,7 +206,12 @@ def create_app(
             raise HTTPException(413, f"{voxels} voxels exceed the limit of {limits.max_voxels}")
         from .embedding_cache import EmbeddingCache
 
-        session = InteractiveSession(model, memory=memory, cache=EmbeddingCache(limits.cache_bytes_per_session))
+        session = InteractiveSession(
+            model,
+            SessionOptions(max_undo_bytes=limits.undo_bytes_per_segment),
+            memory=memory,
+            cache=EmbeddingCache(limits.cache_bytes_per_session),
+        )
         run(lambda: session.set_image(img))
         sid = secrets.token_urlsafe(12)
         with lock:

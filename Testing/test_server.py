@@ -127,15 +127,29 @@ def test_info_and_schema(server):
     assert "/sessions/{sid}/segments/{seg}/points" in schema["paths"]
 
 
-def test_threads_option_reaches_the_model_thread(ckpt, token_file, memsam):
-    proc, url = start_server(ckpt, token_file, "--threads", "1")
+def test_threads_and_undo_options_reach_the_sessions(ckpt, token_file, memsam):
+    proc, url = start_server(ckpt, token_file, "--threads", "1", "--max-undo-mb", "0")
     try:
-        assert RemoteSession(url, TOKEN).info()["threads"] == 1
+        r = RemoteSession(url, TOKEN)
+        info = r.info()
+        assert info["threads"] == 1 and info["limits"]["undo_bytes_per_segment"] == 0
+        r.set_image(volume(), spacing=SPACING)
+        r.add_segment()
+        masks = []
+        for ijk, include in random_clicks(3, 3):
+            r.add_point(ijk, include)
+            masks.append(r.mask().copy())
+        assert not np.array_equal(masks[0], masks[1])  # so that a second undo would show
+        r.undo()  # the newest step is always kept ...
+        assert np.array_equal(r.mask(), masks[1])
+        r.undo()  # ... and with no room for more, it was the only one
+        assert np.array_equal(r.mask(), masks[1])
     finally:
         proc.terminate()
         proc.wait(10)
-    r = memsam("serve", "--model", ckpt, "--threads", "0", "--port", free_port())
-    assert r.returncode != 0 and "--threads 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for bad in (("--threads", "0"), ("--max-undo-mb", "-1")):
+        r = memsam("serve", "--model", ckpt, *bad, "--port", free_port())
+        assert r.returncode != 0 and bad[0] in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_remote_equals_in_process_with_undo_redo_and_prompts(server, ckpt):
