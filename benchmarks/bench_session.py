@@ -10,7 +10,9 @@ cached), include, include, exclude, ..., each timed end to end (decode + paste i
 decoder trained briefly, trained_decoder.py) and compares exact with the opt-in bf16 products (see variants()).
 ``--large`` also runs a 1024^3 uint8 volume and reports its peak RSS. ``--repeat R`` then clicks the same clicks
 R more times, ``--interval`` seconds apart, each time with the GEMM calibration measured first: this machine's
-speed drifts by up to 1.7x over minutes, and one run samples one phase (see repeats()).
+speed drifts by up to 1.7x over minutes, and one run samples one phase (see repeats()). ``--paced S`` clicks them
+once more with S seconds of idle before each click, as a user clicks (back-to-back clicks find warm caches and
+busy threads; see paced()).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def run(args) -> dict:
         out["variants"] = variants(model, trained, img, p0, args.clicks)
     if args.repeat:
         out["repeats"] = repeats(model, trained, img, p0, args.clicks, args.repeat, args.interval)
+    if args.paced:
+        out["paced"] = paced(model, trained, img, p0, args.clicks, args.paced)
     return out
 
 
@@ -194,6 +198,21 @@ def repeats(recipe, trained, img, p0, clicks: int, n: int, interval_s: float, ta
     return out
 
 
+def paced(recipe, trained, img, p0, clicks: int, pause_s: float) -> dict:
+    """The refinement clicks with ``pause_s`` of idle before each (a person clicks every second or two): per model, in
+    its own session, the same figures as the main run."""
+    models = {"recipe": recipe} if trained is None else {"recipe": recipe, "trained_decoder": trained}
+    out: dict = {"pause_s": pause_s}
+    for name, m in models.items():
+        session, _ = first_click(m, img, p0, SessionOptions())
+        rec = Record()
+        for p, include in click_points(img, p0, clicks):
+            time.sleep(pause_s)
+            rec.click(session, p, include)
+        out[name] = {k: v for k, v in rec.summary(session).items() if k.startswith("click_")}
+    return out
+
+
 def paired(model, img, p0, clicks: int) -> dict:
     setups = {"exact": SessionOptions(), "bf16_products": SessionOptions(product_dtype="bfloat16")}
     sessions, records = {}, {}
@@ -271,9 +290,10 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=0, help="this many more runs of the clicks (see repeats())")
     ap.add_argument("--interval", type=float, default=15.0, help="seconds between --repeat runs")
+    ap.add_argument("--paced", type=float, default=0.0, help="also click with this many seconds of idle before each")
     args = ap.parse_args()
-    if args.repeat < 0 or args.interval < 0:
-        ap.error("--repeat and --interval must not be negative")
+    if args.repeat < 0 or args.interval < 0 or args.paced < 0:
+        ap.error("--repeat, --interval and --paced must not be negative")
     setup_threads()
     emit(run(args), args.json)
 
