@@ -123,6 +123,7 @@ def create_app(
     lock = threading.RLock()  # guards the session table
     worker = worker or model_thread()
     device = str(next(model.parameters()).device)
+    threads = worker.submit(torch.get_num_threads).result()  # as the model thread sees it: torch's is per thread
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -179,8 +180,7 @@ def create_app(
             "memory": memory is not None,
             "limits": asdict(limits),
             "sessions": len(sessions),
-            # as the model thread sees it (torch's thread setting is per calling thread)
-            "threads": worker.submit(torch.get_num_threads).result(),
+            "threads": threads,
         }
 
     @app.post("/sessions")
