@@ -637,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--product-dtype",
         choices=["bfloat16"],
-        help="the decoder's upscaling products in this dtype (SessionOptions.product_dtype); default exact",
+        help="the decoder's large products with the image tokens in this dtype (SessionOptions.product_dtype); "
+        "default exact",
     )
     p.add_argument("--montage", type=int, default=6, help="cases in the PNG montage")
     p.add_argument("--out", default="out/eval", help="folder for JSON and PNGs")

@@ -129,12 +129,13 @@ class Step:
     before: PromptState
     after: PromptState
     edits: list[MaskEdit]
-    nbytes: int = 0  # what the step holds (set by Segment.push): packed mask bits + its result's low-res logits
+    nbytes: int = field(init=False)  # what the step holds: packed mask bits + its result's low-res logits
 
-    def measure(self) -> int:
-        n = sum(e.before.nbytes + e.after.nbytes for e in self.edits)
+    def __post_init__(self) -> None:
         low = self.after.low_res
-        return n + (low.numel() * low.element_size() if low is not None else 0)
+        self.nbytes = sum(e.before.nbytes + e.after.nbytes for e in self.edits) + (
+            low.numel() * low.element_size() if low is not None else 0
+        )
 
 
 @dataclass
@@ -150,7 +151,6 @@ class Segment:
     def push(self, step: Step, max_bytes: int) -> None:
         """A new step: it clears the redo list; the oldest steps go while the history holds more than
         ``max_bytes`` (the newest one always stays)."""
-        step.nbytes = step.measure()
         self.undo.append(step)
         self.undo_bytes += step.nbytes
         self.redo.clear()
@@ -159,6 +159,24 @@ class Segment:
             self.undo_bytes -= self.undo[drop].nbytes
             drop += 1
         del self.undo[:drop]
+
+    def step_back(self) -> Step | None:
+        """Move the newest undo step to the redo list and return it (None if there is none)."""
+        if not self.undo:
+            return None
+        step = self.undo.pop()
+        self.undo_bytes -= step.nbytes
+        self.redo.append(step)
+        return step
+
+    def step_forward(self) -> Step | None:
+        """Move the newest redo step back to the undo list and return it (None if there is none)."""
+        if not self.redo:
+            return None
+        step = self.redo.pop()
+        self.undo.append(step)
+        self.undo_bytes += step.nbytes
+        return step
 
 
 @dataclass(frozen=True)
@@ -175,7 +193,7 @@ class SessionOptions:
         previous logits (the mask prompt). SAM-Med3D trains with 1-10 accumulated clicks, so 10 keeps the input in
         the training distribution and the decoder's cost bounded.
     product_dtype: None (exact: the model's dtype) or "bfloat16": the mask decoder's large products with the image
-        tokens in bfloat16 (see Sam3D.decode), ~2 ms less per click on CPUs with native bf16 dot products; masks
+        tokens in bfloat16 (see Sam3D.decode), ~1 ms less per click on CPUs with native bf16 dot products; masks
         differ from the exact ones at a few boundary voxels (README, "The interactive session").
     """
 
@@ -557,26 +575,22 @@ class InteractiveSession:
     def undo(self, segment: int | None = None) -> Region | None:
         """Undo the last step of a segment: mask bytes and prompts exactly as before. None if nothing to undo."""
         seg = self._segment(segment)
-        if not seg.undo:
+        step = seg.step_back()
+        if step is None:
             return None
-        step = seg.undo.pop()
-        seg.undo_bytes -= step.nbytes
         for e in reversed(step.edits):
             e.undo(self.segments[e.segment].mask)
         seg.state = self._snapshot(step.before)
-        seg.redo.append(step)
         return _bounding(step.edits)
 
     def redo(self, segment: int | None = None) -> Region | None:
         seg = self._segment(segment)
-        if not seg.redo:
+        step = seg.step_forward()
+        if step is None:
             return None
-        step = seg.redo.pop()
         for e in step.edits:
             e.redo(self.segments[e.segment].mask)
         seg.state = self._snapshot(step.after)
-        seg.undo.append(step)
-        seg.undo_bytes += step.nbytes
         return _bounding(step.edits)
 
     def reset(self, segment: int | None = None) -> Region | None:

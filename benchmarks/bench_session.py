@@ -149,6 +149,21 @@ class Record:
         }
 
 
+def timed_clicks(session: InteractiveSession, img, p0, clicks: int, pause_s: float = 0.0) -> dict:
+    """The refinement clicks in ``session`` (``pause_s`` of idle before each): their timing figures."""
+    rec = Record()
+    for p, include in click_points(img, p0, clicks):
+        if pause_s:
+            time.sleep(pause_s)
+        rec.click(session, p, include)
+    return {k: v for k, v in rec.summary(session).items() if k.startswith("click_")}
+
+
+def by_name(recipe, trained) -> dict:
+    """The models of the extra runs: the recipe's, and the trained decoder's with --variants."""
+    return {"recipe": recipe} if trained is None else {"recipe": recipe, "trained_decoder": trained}
+
+
 def variants(recipe, trained, img, p0, clicks: int) -> dict:
     """The clicks again with weights whose masks have a lesion's extent (the recipe model with its decoder trained
     briefly, trained_decoder.py), alone in its session like the main run; then, for both sets of weights, exact vs
@@ -168,18 +183,14 @@ def repeats(recipe, trained, img, p0, clicks: int, n: int, interval_s: float, ta
     ``trained`` (--variants) its session's clicks follow the recipe's in each run (in a block, as a user works with
     one model: clicked in turn, each decode would start with the other model's weights in the caches). Per run:
     p50/p90 and the model/paste split; over runs: median, range and how many runs had a p50 within ``target_ms``."""
-    models = {"recipe": recipe} if trained is None else {"recipe": recipe, "trained_decoder": trained}
-    sessions = {name: first_click(m, img, p0, SessionOptions())[0] for name, m in models.items()}
+    sessions = {name: first_click(m, img, p0, SessionOptions())[0] for name, m in by_name(recipe, trained).items()}
     runs = []
     for r in range(n):
         if r:
             time.sleep(interval_s)
         row: dict = {"calibration_gemm_gflops": calibration_gflops()}
         for name, s in sessions.items():
-            rec = Record()
-            for p, include in click_points(img, p0, clicks):
-                rec.click(s, p, include)
-            row[name] = {k: v for k, v in rec.summary(s).items() if k.startswith("click_")}
+            row[name] = timed_clicks(s, img, p0, clicks)
         runs.append(row)
     out: dict = {"interval_s": interval_s, "runs": runs}
     for name in sessions:
@@ -201,15 +212,9 @@ def repeats(recipe, trained, img, p0, clicks: int, n: int, interval_s: float, ta
 def paced(recipe, trained, img, p0, clicks: int, pause_s: float) -> dict:
     """The refinement clicks with ``pause_s`` of idle before each (a person clicks every second or two): per model, in
     its own session, the same figures as the main run."""
-    models = {"recipe": recipe} if trained is None else {"recipe": recipe, "trained_decoder": trained}
     out: dict = {"pause_s": pause_s}
-    for name, m in models.items():
-        session, _ = first_click(m, img, p0, SessionOptions())
-        rec = Record()
-        for p, include in click_points(img, p0, clicks):
-            time.sleep(pause_s)
-            rec.click(session, p, include)
-        out[name] = {k: v for k, v in rec.summary(session).items() if k.startswith("click_")}
+    for name, m in by_name(recipe, trained).items():
+        out[name] = timed_clicks(first_click(m, img, p0, SessionOptions())[0], img, p0, clicks, pause_s)
     return out
 
 
