@@ -21,13 +21,11 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_session import interior_point  # noqa: E402
+from bench_session import lung2_and_target  # noqa: E402
 from common import emit, machine_info, recipe_model, setup_threads  # noqa: E402
 
-from MemorizingSAMLib.datasets import fetch_pyradiomics_data  # noqa: E402
 from MemorizingSAMLib.session import InteractiveSession  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,9 +44,7 @@ def import_revision(ref: str, into: Path):
 
 
 def run(args) -> dict:
-    data = fetch_pyradiomics_data(ROOT / "data")
-    p0 = interior_point(sitk.GetArrayFromImage(sitk.ReadImage(str(data / "lung2_label.nrrd"))))
-    img = sitk.ReadImage(str(data / "lung2_image.nrrd"))
+    img, p0 = lung2_and_target()
     model = recipe_model("fastsam3d")
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {args.ref: import_revision(args.ref, Path(tmp))(model), "working tree": InteractiveSession(model)}

@@ -26,18 +26,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_session import click_points, first_click, interior_point  # noqa: E402
+from bench_session import click_points, first_click, lung2_and_target  # noqa: E402
 from common import emit, machine_info, setup_threads  # noqa: E402
 from trained_decoder import trained_decoder_model  # noqa: E402
 
-from MemorizingSAMLib.datasets import fetch_pyradiomics_data  # noqa: E402
 from MemorizingSAMLib.session import InteractiveSession, SessionOptions  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 SPIN_S = 0.003
 
 
@@ -64,9 +61,7 @@ def _spin_both(scratch: torch.Tensor) -> None:
 
 
 def run(args) -> dict:
-    data = fetch_pyradiomics_data(ROOT / "data")
-    p0 = interior_point(sitk.GetArrayFromImage(sitk.ReadImage(str(data / "lung2_label.nrrd"))))
-    img = sitk.ReadImage(str(data / "lung2_image.nrrd"))
+    img, p0 = lung2_and_target()
     session, _ = first_click(trained_decoder_model(), img, p0, SessionOptions())
     scratch = torch.randn(256, 256)
     conditions = {

@@ -53,6 +53,13 @@ def interior_point(label: np.ndarray) -> np.ndarray:
     return np.array([i, j, k], dtype=np.float64)
 
 
+def lung2_and_target() -> tuple[sitk.Image, np.ndarray]:
+    """The benchmark CT and its first click (the lesion's interior-most voxel, ijk), for the A/B scripts."""
+    data = fetch_pyradiomics_data(ROOT / "data")
+    p0 = interior_point(sitk.GetArrayFromImage(sitk.ReadImage(str(data / "lung2_label.nrrd"))))
+    return sitk.ReadImage(str(data / "lung2_image.nrrd")), p0
+
+
 def run(args) -> dict:
     data = fetch_pyradiomics_data(ROOT / "data")
     # the click target first (its distance transform is the benchmark's, not the session's, memory)
