@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .paste import Region
-from .server import decode_region_into
+from .server import decode_region_into, prompt_from_json, prompt_to_json
 from .session import Prompt
 
 
@@ -41,6 +41,7 @@ class RemoteSession:
         self.sid: str | None = None
         self.size: tuple[int, int, int] | None = None
         self.masks: dict[int, np.ndarray] = {}
+        self._placed: dict[int, tuple[Prompt, ...]] = {}
         self.last_timing: dict = {}
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -111,6 +112,7 @@ class RemoteSession:
         r = self._request("POST", "/sessions?format=npz", payload, "application/octet-stream")
         self.sid, self.size = r["session"], tuple(r["size"])
         self.masks.clear()
+        self._placed.clear()
         return r
 
     def add_segment(self, name: str | None = None) -> int:
@@ -122,7 +124,12 @@ class RemoteSession:
 
     def _apply(self, seg: int, reply: dict) -> Region | None:
         self.last_timing = reply.get("timing") or {}
+        self._placed[seg] = tuple(prompt_from_json(p) for p in reply.get("placed", []))
         return decode_region_into(self.masks[seg], reply.get("region"))
+
+    def placed(self, segment: int | None = None) -> tuple[Prompt, ...]:
+        """The segment's prompts in placement order, tags included, as the server's session holds them."""
+        return self._placed.get(self.active if segment is None else segment, ())
 
     def add_point(self, ijk, include: bool = True, segment: int | None = None) -> Region | None:
         seg = self.active if segment is None else segment
@@ -141,12 +148,7 @@ class RemoteSession:
 
     def set_prompts(self, prompts: list[Prompt], segment: int | None = None) -> Region | None:
         seg = self.active if segment is None else segment
-        body = {
-            "prompts": [
-                {"ijk": list(p.ijk), "include": p.include, "box_hi": list(p.box_hi) if p.box_hi else None}
-                for p in prompts
-            ]
-        }
+        body = {"prompts": [prompt_to_json(p) for p in prompts]}
         return self._apply(seg, self._post(f"/sessions/{self.sid}/segments/{seg}/prompts", body))
 
     def undo(self, segment: int | None = None) -> Region | None:

@@ -89,6 +89,19 @@ def decode_region_into(mask: np.ndarray, payload: dict | None) -> Region | None:
     return region
 
 
+def prompt_to_json(p: Prompt) -> dict:
+    """A prompt on the wire: voxel indices (i, j, k), polarity, the box's high corner, the caller's tag."""
+    return {"ijk": list(p.ijk), "include": p.include, "box_hi": list(p.box_hi) if p.box_hi else None, "tag": p.tag}
+
+
+def prompt_from_json(d: dict) -> Prompt:
+    tag = d.get("tag")
+    if tag is not None and not isinstance(tag, str):
+        raise ValueError(f"a prompt's tag must be a string, got {tag!r}")
+    box_hi = tuple(float(v) for v in d["box_hi"]) if d.get("box_hi") else None
+    return Prompt(tuple(float(v) for v in d["ijk"]), bool(d.get("include", True)), box_hi, tag)
+
+
 def read_volume(body: bytes, fmt: str) -> sitk.Image:
     """A volume from uploaded bytes: a NIfTI/NRRD file, or an .npz with array, spacing, origin, direction."""
     if fmt == "npz":
@@ -160,7 +173,11 @@ def create_app(
 
     def region_reply(entry, seg, region):
         s = entry["session"]
-        return {"region": encode_region(s.mask(seg), region), "timing": s.last_timing}
+        return {
+            "region": encode_region(s.mask(seg), region),
+            "timing": s.last_timing,
+            "placed": [prompt_to_json(p) for p in s.placed(seg)],
+        }
 
     def run(fn):
         try:
@@ -255,11 +272,8 @@ def create_app(
         e = get(sid)
         segment_of(e, seg)
         try:
-            prompts = [
-                Prompt(tuple(p["ijk"]), bool(p.get("include", True)), tuple(p["box_hi"]) if p.get("box_hi") else None)
-                for p in body["prompts"]
-            ]
-        except (KeyError, TypeError) as err:
+            prompts = [prompt_from_json(p) for p in body["prompts"]]
+        except (KeyError, TypeError, ValueError) as err:
             raise HTTPException(422, f"malformed prompts: {err}") from None
         return region_reply(e, seg, run(lambda: e["session"].set_prompts(prompts, seg)))
 

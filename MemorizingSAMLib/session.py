@@ -46,11 +46,16 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class Prompt:
-    """A click (``box_hi`` None) at continuous index ``ijk``, or a box [ijk, box_hi] (inclusive voxel corners)."""
+    """A click (``box_hi`` None) at continuous index ``ijk``, or a box [ijk, box_hi] (inclusive voxel corners).
+
+    ``tag`` is the caller's name for the prompt (a viewer's control-point id, say): the model never sees it, the
+    session keeps it through undo and redo (:meth:`InteractiveSession.placed`), and two prompts are the same prompt
+    only if their tags are equal too."""
 
     ijk: tuple[float, float, float]
     include: bool = True
     box_hi: tuple[float, float, float] | None = None
+    tag: str | None = None
 
     @property
     def is_box(self) -> bool:
@@ -72,6 +77,15 @@ class PromptState:
     low_res: torch.Tensor | None = None
     last_region: Region | None = None
     locked: bool = False  # crop fixed by lock_crop (the published evaluation protocol)
+    # The caller's prompts in the order they were placed (``prompts`` is what the model sees: only those in the
+    # crop, one box), and ``chain[n]``, the model state after ``placed[: n + 1]``: a change at prompt n replays
+    # from chain[n - 1], so appending or moving the newest prompt costs one decode.
+    placed: tuple[Prompt, ...] = ()
+    chain: tuple[PromptState, ...] = ()
+
+    def base(self) -> PromptState:
+        """The state before the first prompt (a locked crop stays)."""
+        return PromptState(crop=self.crop, locked=True) if self.locked else PromptState()
 
 
 @dataclass
@@ -329,7 +343,7 @@ class InteractiveSession:
         """Fix a segment's crop centred at ``centre_ijk`` (published protocol: centred on the ground truth);
         prompts outside it no longer move it. Only before the segment's first prompt."""
         seg = self._segment(segment)
-        if seg.state.prompts:
+        if seg.state.placed:
             raise PromptError("lock_crop must come before the segment's first prompt")
         c = np.asarray(centre_ijk, dtype=np.float64)
         crop = CropGrid.centred_on(self.geometry.ijk_to_ras(c), self.cfg.spacing_mm, self.cfg.encoder.img_size)
@@ -340,7 +354,12 @@ class InteractiveSession:
         return self._segment(segment).mask
 
     def prompts(self, segment: int | None = None) -> tuple[Prompt, ...]:
+        """The prompts the model saw at the segment's last step (those in its crop, at most one box)."""
         return self._segment(segment).state.prompts
+
+    def placed(self, segment: int | None = None) -> tuple[Prompt, ...]:
+        """The segment's prompts as the caller placed them, in order, tags included (follows undo and redo)."""
+        return self._segment(segment).state.placed
 
     # ----------------------------------------------------------------------------------------------- prompts
     def add_point(self, ijk, include: bool = True, segment: int | None = None) -> Region | None:
@@ -349,7 +368,7 @@ class InteractiveSession:
         Returns the region of the mask that changed (None if nothing did)."""
         seg = self._segment(segment)
         p = self._checked_point(ijk)
-        return self._apply(seg, Prompt(tuple(p), bool(include)))
+        return self._apply(seg, seg.state.placed + (Prompt(tuple(p), bool(include)),))
 
     def add_box(self, ijk_min, ijk_max, segment: int | None = None) -> Region | None:
         """Add a box given by two opposite corners (voxel indices, inclusive, any order) and update the mask.
@@ -363,26 +382,29 @@ class InteractiveSession:
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         if np.any(hi - lo < 1e-6):
             raise PromptError(f"the box {tuple(lo)}-{tuple(hi)} has zero size along an axis")
-        return self._apply(seg, Prompt(tuple(lo), True, tuple(hi)))
+        return self._apply(seg, seg.state.placed + (Prompt(tuple(lo), True, tuple(hi)),))
 
     def set_prompts(self, prompts: list[Prompt], segment: int | None = None) -> Region | None:
-        """Replace a segment's prompts (points moved or deleted in a viewer) and recompute its result from them,
-        replaying the refinement chain in order. One undo step."""
+        """Make ``prompts`` (in placement order) the segment's prompts: points added, moved or deleted in a viewer.
+
+        Only what changed is recomputed: the model steps are replayed from the first prompt that differs from the
+        current ones (by value and tag), from the state kept after the one before it, so adding or moving the
+        newest prompt costs one decode. One undo step; None (and no step) if nothing changed, an empty list clears
+        the segment like :meth:`reset`. The mask is the one the same prompts clicked one by one give, except where
+        a replayed prompt moved the crop: then only the last crop's result is written."""
         seg = self._segment(segment)
+        prompts = tuple(prompts)
         for p in prompts:
             self._checked_point(p.ijk)
             if p.box_hi is not None:
                 self._checked_point(p.box_hi)
-        before = self._snapshot(seg.state)
-        state = PromptState()
-        low = None
-        for n in range(1, len(prompts) + 1):
-            state, low = self._predict(replace(state, prompts=tuple(prompts[:n])), prompts[n - 1], low_override=None)
+                if np.any(np.asarray(p.box_hi) - np.asarray(p.ijk) < 1e-6):
+                    raise PromptError(f"the box {p.ijk}-{p.box_hi} needs its low corner first and a non-zero size")
         if not prompts:
-            return self.reset(seg.id)
-        # The previous result of this segment is replaced, wherever the new crop covers it.
-        state.last_region = seg.state.last_region
-        return self._commit(seg, before, state, low)
+            return self.reset(seg.id) if seg.state.placed else None
+        if prompts == seg.state.placed:
+            return None
+        return self._apply(seg, prompts)
 
     def _checked_point(self, ijk) -> np.ndarray:
         geom = self._require_image()
@@ -478,12 +500,7 @@ class InteractiveSession:
         with torch.inference_mode():
             up = None if self.options.product_dtype is None else getattr(torch, self.options.product_dtype)
             low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes, iou=False, product_dtype=up)
-        new_state = PromptState(
-            crop=crop, prompts=prompts, low_res=low, last_region=state.last_region, locked=state.locked
-        )
-        if new_state.crop != state.crop:
-            new_state.last_region = None
-        return new_state, low
+        return PromptState(crop=crop, prompts=prompts, low_res=low, locked=state.locked), low
 
     def _box_logits(self, box: Prompt, crop: CropGrid) -> torch.Tensor:
         """Low-res mask prompt: +box_logit inside the box, -box_logit outside."""
@@ -512,20 +529,34 @@ class InteractiveSession:
         )
         return out.to(low.dtype)
 
-    def _apply(self, seg: Segment, prompt: Prompt) -> Region | None:
+    def _apply(self, seg: Segment, prompts: tuple[Prompt, ...]) -> Region | None:
+        """Model steps for ``prompts`` from the first one that differs from the segment's placed prompts, then
+        one commit (one undo step)."""
         t0 = time.perf_counter()
         misses = self.cache.misses
-        before = self._snapshot(seg.state)
-        state = replace(seg.state, prompts=seg.state.prompts + (prompt,))
-        state, low = self._predict(state, prompt, low_override=None)
+        old = seg.state
+        m = 0
+        while m < min(len(old.placed), len(prompts)) and old.placed[m] == prompts[m]:
+            m += 1
+        chain = list(old.chain[:m])
+        state = chain[-1] if chain else old.base()
+        low = state.low_res
+        for p in prompts[m:]:
+            state, low = self._predict(replace(state, prompts=state.prompts + (p,)), p, low_override=None)
+            chain.append(state)
+        # The result replaces this segment's previous one, except that prompts added in a new crop keep the mask
+        # built so far in the old one (as clicks do).
+        clear = None if m == len(old.placed) and state.crop != old.crop else old.last_region
+        state = replace(state, placed=prompts, chain=tuple(chain), last_region=clear)
         t1 = time.perf_counter()
-        region = self._commit(seg, before, state, low)
+        region = self._commit(seg, self._snapshot(old), state, low)
         t2 = time.perf_counter()
         self.last_timing = {
             "model_ms": (t1 - t0) * 1e3,
             "paste_ms": (t2 - t1) * 1e3,
             "total_ms": (t2 - t0) * 1e3,
             "encoded": self.cache.misses > misses,
+            "decodes": len(prompts) - m,
         }
         return region
 

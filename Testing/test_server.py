@@ -167,6 +167,12 @@ def test_remote_equals_in_process_with_undo_redo_and_prompts(server, ckpt):
     assert np.array_equal(r.mask(), expected[-1])
     r.set_prompts([Prompt(clicks[0][0], True)])
     assert np.array_equal(r.mask(), expected[0])
+    assert r.last_timing["decodes"] == 0  # the state after the first click was kept
+    # Tags travel both ways and follow undo: the module rebuilds its markups from them.
+    r.set_prompts([Prompt(clicks[0][0], True, tag="p1"), Prompt(clicks[1][0], clicks[1][1], tag="p2")])
+    assert r.last_timing["decodes"] == 2 and [p.tag for p in r.placed()] == ["p1", "p2"]
+    r.undo()
+    assert [p.tag for p in r.placed()] == [None] and np.array_equal(r.mask(), expected[0])
     r.close()
 
 

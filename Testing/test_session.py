@@ -208,6 +208,73 @@ def test_set_prompts_replays_like_clicks(session):
     assert np.array_equal(session.mask(other), direct)
 
 
+PLACED = [
+    Prompt((50, 60, 20), True, tag="a"),
+    Prompt((58, 66, 21), False, tag="b"),
+    Prompt((45, 55, 19), True, tag="c"),
+    Prompt((62, 52, 22), False, tag="d"),
+    Prompt((52, 64, 18), True, tag="e"),
+]
+
+
+def test_set_prompts_decodes_only_from_the_first_changed_prompt(session):
+    """Appending or moving the newest prompt costs one decode; a change at prompt n replays from n on; each result
+    equals the same prompts set from scratch (in placement order, tags kept through undo)."""
+
+    def from_scratch(prompts):
+        seg = session.add_segment()
+        session.set_prompts(prompts, seg)
+        assert session.last_timing["decodes"] == len(prompts)
+        return session.mask(seg).copy()
+
+    seg = session.add_segment()
+    for n in range(1, len(PLACED) + 1):
+        session.set_prompts(PLACED[:n], seg)
+        assert session.last_timing["decodes"] == 1
+    assert session.placed(seg) == tuple(PLACED)
+    full = session.mask(seg).copy()
+    assert np.array_equal(full, from_scratch(PLACED))
+    moved_last = PLACED[:-1] + [Prompt((54, 66, 18), True, tag="e")]
+    session.set_prompts(moved_last, seg)
+    assert session.last_timing["decodes"] == 1
+    assert np.array_equal(session.mask(seg), from_scratch(moved_last))
+    moved_second = [PLACED[0], Prompt((60, 68, 21), False, tag="b"), *moved_last[2:]]
+    session.set_prompts(moved_second, seg)
+    assert session.last_timing["decodes"] == 4
+    assert np.array_equal(session.mask(seg), from_scratch(moved_second))
+    # The same position under another tag is another prompt.
+    session.set_prompts([*moved_second[:-1], Prompt(moved_second[-1].ijk, True, tag="f")], seg)
+    assert session.last_timing["decodes"] == 1
+    # Deleting the newest prompt restores the state after the one before it without a decode.
+    session.set_prompts(moved_second[:-1], seg)
+    assert session.last_timing["decodes"] == 0
+    assert np.array_equal(session.mask(seg), from_scratch(moved_second[:-1]))
+    assert session.set_prompts(moved_second[:-1], seg) is None  # nothing changed: no step
+    session.undo(seg)
+    assert [p.tag for p in session.placed(seg)] == ["a", "b", "c", "d", "f"]
+    session.undo(seg)
+    session.undo(seg)
+    assert session.placed(seg) == tuple(moved_last)
+    session.undo(seg)
+    assert session.placed(seg) == tuple(PLACED) and np.array_equal(session.mask(seg), full)
+    session.redo(seg)
+    session.set_prompts([*moved_last, Prompt((47, 57, 20), False, tag="g")], seg)  # extends the redone state
+    assert session.last_timing["decodes"] == 1
+
+
+def test_set_prompts_in_placement_order_differs_from_grouped_order(session):
+    """The order the prompts were placed in is the order the model refines in (the Slicer module used to send
+    all includes, then all excludes)."""
+    a, b = session.add_segment(), session.add_segment()
+    session.set_prompts(PLACED, a)
+    session.set_prompts([p for p in PLACED if p.include] + [p for p in PLACED if not p.include], b)
+    clicked = session.add_segment()
+    for p in PLACED:
+        session.add_point(p.ijk, p.include, clicked)
+    assert np.array_equal(session.mask(a), session.mask(clicked))
+    assert not np.array_equal(session.mask(a), session.mask(b))
+
+
 def test_labelmap_export_roundtrip(session, tmp_path):
     a = session.add_segment()
     session.add_point((50, 60, 20))
