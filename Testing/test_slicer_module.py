@@ -205,6 +205,7 @@ def test_5_undo_redo_reset_move_the_points_and_the_saved_prompts(core, logic):
     two = mrml.segment_array(logic.segmentation, seg, volume)
 
     def saved():
+        logic.scene.InvokeEvent(slicer.vtkMRMLScene.StartSaveEvent)  # what Slicer fires when the scene is saved
         return [r["kind"] for r in mrml.load_prompts(logic.segmentation)[seg]]
 
     assert (include.GetNumberOfControlPoints(), exclude.GetNumberOfControlPoints()) == (1, 1)
@@ -359,7 +360,7 @@ def test_11_shortcuts_live_only_while_the_module_is_shown():
     methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
     assert "QShortcut" not in methods["setup"] and "installShortcuts" in methods["enter"]
     assert "removeShortcuts" in methods["exit"] and "removeShortcuts" in methods["cleanup"]
-    keys = re.findall(r'"([^"]+)"', methods["installShortcuts"])
+    keys = [k for k in re.findall(r"'([^']+)'", methods["installShortcuts"]) if k != "activated()"]
     taken = {"ctrl+z", "ctrl+y", "z", "y", "b", "f", "r", "v", "g", "t", "s"}
     assert keys and not {k.lower() for k in keys} & taken, keys
 

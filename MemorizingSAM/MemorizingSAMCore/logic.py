@@ -123,6 +123,7 @@ class SegmentationLogic(VTKObservationMixin):
         self._muted = 0
         self._dragging: set[str] = set()
         self._dirty: set[str] = set()
+        self._ijk: dict[tuple, np.ndarray] = {}  # (tag, world position) -> (i, j, k) on the current volume
         self._dirty_since = 0.0
         # How markups changes get read after the events of one placement: ``schedule(flush)`` runs flush soon on
         # the GUI thread (Slicer's widget: a zero-delay Qt timer); None: at the next process_events() or wait().
@@ -131,6 +132,7 @@ class SegmentationLogic(VTKObservationMixin):
         self.addObserver(
             self._selection(), slicer.vtkMRMLSelectionNode.ActivePlaceNodeIDChangedEvent, self._on_active_place_node
         )
+        self.addObserver(scene, slicer.vtkMRMLScene.StartSaveEvent, self.save_prompts)
 
     # ----------------------------------------------------------------------------------------------- model
     def load_model(self, choice: ModelChoice = ModelChoice()):
@@ -179,6 +181,7 @@ class SegmentationLogic(VTKObservationMixin):
         the one the module made for it before (its segments and prompts resume), or a new one."""
         mrml.check_volume(volume_node)
         self.wait()
+        self.save_prompts()
         if self._make_session is None:
             raise RuntimeError("no model: call load_model first")
         self.set_tool(None)
@@ -197,6 +200,7 @@ class SegmentationLogic(VTKObservationMixin):
         self.segmentation.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         self.segments.clear()
         self.records.clear()
+        self._ijk.clear()
         self.current = None
         self._resume()
         self.on_segments()
@@ -400,9 +404,12 @@ class SegmentationLogic(VTKObservationMixin):
         from MemorizingSAMLib.session import Prompt
 
         dims = np.array(self.volume.GetImageData().GetDimensions(), dtype=float)
-        points = [r for r in records if r.kind != "box"]
-        ijk = mrml.world_to_ijk(self.volume, np.array([r.world for r in points])) if points else np.zeros((0, 3))
-        by_tag = {r.tag: p for r, p in zip(points, ijk)}
+        # Each position is converted once (a click converts only itself); the cache goes with the volume.
+        todo = [r for r in records if r.kind != "box" and (r.tag, tuple(r.world)) not in self._ijk]
+        if todo:
+            for r, p in zip(todo, mrml.world_to_ijk(self.volume, np.array([r.world for r in todo]))):
+                self._ijk[(r.tag, tuple(r.world))] = p
+        by_tag = {r.tag: self._ijk[(r.tag, tuple(r.world))] for r in records if r.kind != "box"}
         out, skipped = [], []
         for r in records:
             if r.kind == "box":
@@ -469,13 +476,16 @@ class SegmentationLogic(VTKObservationMixin):
     def _write(self, segment_id: str, result: Result, t0: float | None = None) -> None:
         if result.region is not None:
             mrml.write_segment_region(self.segmentation, segment_id, self.volume, result.voxels, result.region.slices)
-        self._save_prompts()
         if t0 is not None:
             self.last_latency_ms = (time.perf_counter() - t0) * 1e3
             self.last_decodes = int(result.timing.get("decodes", 0))
         self.on_result(segment_id)
 
-    def _save_prompts(self) -> None:
+    def save_prompts(self, caller=None, event=None) -> None:
+        """Store every segment's prompts in the segmentation node (done when the scene is saved, and before the
+        volume changes; not per click, where it would cost a JSON dump and a node-modified event each time)."""
+        if self.segmentation is None:
+            return
         mrml.save_prompts(
             self.segmentation,
             {sid: [self.records[t].to_json() for t in seg.order if t in self.records] for sid, seg in self.segments.items()},
@@ -505,6 +515,7 @@ class SegmentationLogic(VTKObservationMixin):
         seg.sent = result.placed
         self._rebuild_markups(segment_id, [p.tag for p in result.placed])
         self._write(segment_id, result)
+        self.save_prompts()
 
     def _rebuild_markups(self, segment_id: str, tags: list[str]) -> None:
         seg = self.segments[segment_id]
