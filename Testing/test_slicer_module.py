@@ -27,7 +27,6 @@ sys.path[:0] = [str(Path(__file__).parent), str(MODULE)]
 
 import slicer  # noqa: E402
 import slicer_core_app  # noqa: E402
-import vtk  # noqa: E402
 from MemorizingSAMCore import dependencies, markups, mrml, selftest  # noqa: E402
 from MemorizingSAMCore.logic import ModelChoice, SegmentationLogic  # noqa: E402
 
@@ -164,11 +163,15 @@ def test_3_the_extension_installs_the_model_and_bank_where_the_library_looks(tmp
     (lib / "MemorizingSAMLib" / "__init__.py").write_text("")
     for name in (DEFAULT_MODEL_NAME, DEFAULT_BANK_NAME):
         (lib / "Resources" / "models" / name).write_bytes(b"x")
-    code = "from MemorizingSAMLib import resources; print(resources.default_model_path(), resources.default_bank_path())"
+    code = (
+        "from MemorizingSAMLib import resources; print(resources.default_model_path(), resources.default_bank_path())"
+    )
     env = {"PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], cwd=lib, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(lib / "Resources" / "models" / n) for n in (DEFAULT_MODEL_NAME, DEFAULT_BANK_NAME)]
+    assert out.stdout.split() == [
+        str(lib / "Resources" / "models" / n) for n in (DEFAULT_MODEL_NAME, DEFAULT_BANK_NAME)
+    ]
 
 
 def test_4_the_module_folder_holds_one_module_and_starts_without_torch():
@@ -257,7 +260,9 @@ def test_7_a_box_on_an_oblique_volume_spans_all_its_corners(core):
     volume, _, _, ijk_to_world = oblique_volume(core)
     roi = core.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     centre = world(volume, (45, 40, 20))
-    roi.SetAndObserveObjectToNodeMatrix(mrml._vtk_matrix(np.array([[1, 0, 0, centre[0]], [0, 1, 0, centre[1]], [0, 0, 1, centre[2]], [0, 0, 0, 1.0]])))
+    roi.SetAndObserveObjectToNodeMatrix(
+        mrml._vtk_matrix(np.array([[1, 0, 0, centre[0]], [0, 1, 0, centre[1]], [0, 0, 1, centre[2]], [0, 0, 0, 1.0]]))
+    )
     roi.SetSize(20, 20, 20)
     lo, hi = mrml.roi_box_ijk(roi, volume)
     corners = np.array([[x, y, z] for x in (-10, 10) for y in (-10, 10) for z in (-10, 10)]) + centre
@@ -438,7 +443,9 @@ def test_14_default_model_brings_its_bank_and_labelmaps_are_refused(core):
         lg.close()
     ui = ET.parse(MODULE / "Resources" / "UI" / "MemorizingSAM.ui")
     selector = next(w for w in ui.iter("widget") if w.get("name") == "volumeSelector")
-    hidden = [s.text for p in selector.iter("property") if p.get("name") == "hideChildNodeTypes" for s in p.iter("string")]
+    hidden = [
+        s.text for p in selector.iter("property") if p.get("name") == "hideChildNodeTypes" for s in p.iter("string")
+    ]
     assert hidden == ["vtkMRMLLabelMapVolumeNode"]
     source = (MODULE / "MemorizingSAM.py").read_text()
     assert "DEFAULT_MODEL_NAME" in source and "memsam_tiny_student" not in source
@@ -509,3 +516,10 @@ def test_export_is_atomic_and_on_the_volume_grid(core, logic, tmp_path):
     seg_file = tmp_path / "all.seg.nrrd"
     logic.export(str(seg_file))
     assert seg_file.stat().st_size > 0
+
+
+def test_widget_uses_only_widgets_the_ui_file_has():
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "MemorizingSAM.py").read_text()))
+    ui = ET.parse(MODULE / "Resources" / "UI" / "MemorizingSAM.ui")
+    names = {w.get("name") for w in ui.iter("widget")}
+    assert used and used <= names, used - names

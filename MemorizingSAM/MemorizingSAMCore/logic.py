@@ -100,6 +100,7 @@ class SegmentationLogic(VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.scene = scene
         self.app_logic = app_logic
+        self._own_worker = worker is None
         self.worker = worker or ModelWorker()
         self.worker.on_error = self._on_error
         self.on_status: Callable[[str], None] = lambda text: None
@@ -195,7 +196,11 @@ class SegmentationLogic(VTKObservationMixin):
             return session
 
         self.session = self.worker.call(start)
+        if self.volume is not None:
+            self.removeObserver(self.volume, slicer.vtkMRMLTransformableNode.TransformModifiedEvent, self._on_moved)
         self.volume = volume_node
+        # Moving the volume (its parent transform) changes every prompt's voxel indices; the next change uses them.
+        self.addObserver(volume_node, slicer.vtkMRMLTransformableNode.TransformModifiedEvent, self._on_moved)
         self.segmentation = segmentation_node or self._segmentation_for(volume_node)
         self.segmentation.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         self.segments.clear()
@@ -205,6 +210,9 @@ class SegmentationLogic(VTKObservationMixin):
         self._resume()
         self.on_segments()
         self._say(f"Ready: {volume_node.GetName()} ({self.model_description})")
+
+    def _on_moved(self, caller=None, event=None) -> None:
+        self._ijk.clear()
 
     def _segmentation_for(self, volume_node):
         nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
@@ -332,7 +340,9 @@ class SegmentationLogic(VTKObservationMixin):
             event = getattr(slicer.vtkMRMLMarkupsNode, name)
             if not self.hasObserver(node, event, self._on_markups):
                 self.addObserver(node, event, self._on_markups)
-        if node.IsA("vtkMRMLMarkupsROINode") and not self.hasObserver(node, vtk.vtkCommand.ModifiedEvent, self._on_markups):
+        if node.IsA("vtkMRMLMarkupsROINode") and not self.hasObserver(
+            node, vtk.vtkCommand.ModifiedEvent, self._on_markups
+        ):
             self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self._on_markups)
 
     def _unobserve_prompts(self) -> None:
@@ -343,7 +353,12 @@ class SegmentationLogic(VTKObservationMixin):
         if self._muted:
             return
         who = markups.owner(node)
-        if who is None or self.volume is None or who.volume_id != self.volume.GetID() or who.segment_id not in self.segments:
+        if (
+            who is None
+            or self.volume is None
+            or who.volume_id != self.volume.GetID()
+            or who.segment_id not in self.segments
+        ):
             return
         if event == slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent:
             self._dragging.add(node.GetID())
@@ -410,6 +425,9 @@ class SegmentationLogic(VTKObservationMixin):
             for r, p in zip(todo, mrml.world_to_ijk(self.volume, np.array([r.world for r in todo]))):
                 self._ijk[(r.tag, tuple(r.world))] = p
         by_tag = {r.tag: self._ijk[(r.tag, tuple(r.world))] for r in records if r.kind != "box"}
+        if by_tag:
+            ijk = np.array(list(by_tag.values()))
+            inside = dict(zip(by_tag, np.all((ijk >= -0.5) & (ijk <= dims - 0.5), axis=1)))
         out, skipped = [], []
         for r in records:
             if r.kind == "box":
@@ -420,7 +438,7 @@ class SegmentationLogic(VTKObservationMixin):
                 out.append(Prompt(tuple(float(v) for v in box[0]), True, tuple(float(v) for v in box[1]), r.tag))
                 continue
             p = by_tag[r.tag]
-            if np.any(p < -0.5) or np.any(p > dims - 0.5):
+            if not inside[r.tag]:
                 skipped.append(f"the {r.kind} point at RAS {np.round(r.world, 1).tolist()} lies outside the volume")
                 continue
             out.append(Prompt(tuple(float(v) for v in p), r.kind == "include", None, r.tag))
@@ -488,7 +506,10 @@ class SegmentationLogic(VTKObservationMixin):
             return
         mrml.save_prompts(
             self.segmentation,
-            {sid: [self.records[t].to_json() for t in seg.order if t in self.records] for sid, seg in self.segments.items()},
+            {
+                sid: [self.records[t].to_json() for t in seg.order if t in self.records]
+                for sid, seg in self.segments.items()
+            },
         )
 
     # --------------------------------------------------------------------------------------------- history
@@ -526,6 +547,9 @@ class SegmentationLogic(VTKObservationMixin):
         try:
             for kind in ("include", "exclude"):
                 nodes = markups.prompt_nodes(self.scene, volume_id, segment_id, kind)
+                if not nodes:  # the user deleted it
+                    nodes = [markups.new_prompt_node(self.scene, volume_id, segment_id, self._name(segment_id), kind)]
+                    self._observe(nodes[0])
                 for extra in nodes[1:]:
                     extra.RemoveAllControlPoints()
                 markups.set_points(nodes[0], [(r.tag, r.world) for r in records if r.kind == kind])
@@ -533,7 +557,9 @@ class SegmentationLogic(VTKObservationMixin):
             rois = markups.prompt_nodes(self.scene, volume_id, segment_id, "box")
             for roi in rois[1:]:
                 self.scene.RemoveNode(roi)
-            roi = rois[0] if rois else markups.new_prompt_node(self.scene, volume_id, segment_id, self._name(), "box")
+            if not rois:
+                rois = [markups.new_prompt_node(self.scene, volume_id, segment_id, self._name(segment_id), "box")]
+            roi = rois[0]
             self._observe(roi)
             if box is None:
                 roi.RemoveAllControlPoints()
@@ -564,9 +590,11 @@ class SegmentationLogic(VTKObservationMixin):
         self.worker.wait()
 
     def close(self) -> None:
-        self.worker.wait()
+        """Finish the pending work and stop observing; the model thread ends unless it was given."""
+        self.wait()
         self.removeObservers()
-        self.worker.shutdown()
+        if self._own_worker:
+            self.worker.shutdown()
 
     def _on_error(self, error: BaseException) -> None:
         self._say(f"Error: {error}")
@@ -575,8 +603,8 @@ class SegmentationLogic(VTKObservationMixin):
         self.status = text
         self.on_status(text)
 
-    def _name(self) -> str:
-        return self.segmentation.GetSegmentation().GetSegment(self.current).GetName()
+    def _name(self, segment_id: str | None = None) -> str:
+        return self.segmentation.GetSegmentation().GetSegment(segment_id or self.current).GetName()
 
     def _interaction(self):
         return self.app_logic.GetInteractionNode()

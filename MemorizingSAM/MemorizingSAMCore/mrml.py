@@ -107,7 +107,10 @@ def roi_box_ijk(roi_node, volume_node) -> tuple[np.ndarray, np.ndarray] | None:
 def roi_geometry(roi_node) -> dict:
     """What restores an ROI exactly (after undo): its object-to-node matrix (centre and axes, in the ROI's own
     coordinates) and its size in mm along those axes."""
-    return {"object_to_node": matrix_to_array(roi_node.GetObjectToNodeMatrix()).tolist(), "size": list(roi_node.GetSize())}
+    return {
+        "object_to_node": matrix_to_array(roi_node.GetObjectToNodeMatrix()).tolist(),
+        "size": list(roi_node.GetSize()),
+    }
 
 
 def set_roi_geometry(roi_node, geometry: dict) -> None:
