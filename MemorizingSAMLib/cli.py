@@ -54,12 +54,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .checkpoints import load_model
+    from .fileio import check_output
     from .geometry import read_image
     from .resources import default_model_path
     from .session import InteractiveSession
 
     if not args.point and not args.box:
         raise UsageError("give at least one --point or --box")
+    check_output(args.out)  # before the model runs
     img = read_image(args.image)
     prompts = []
     for text in args.point or []:
@@ -95,7 +97,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             f"{int(session.mask().sum())} voxels, {session.last_timing.get('total_ms', 0):.1f} ms"
         )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     session.save_labelmap(out)
     print(f"wrote {out}")
     return 0
@@ -246,6 +247,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.baseline import RegionGrowingSegmenter
     from .evaluation.plots import dice_curve, montage
     from .evaluation.runner import EvalConfig, SessionSegmenter, evaluate
+    from .fileio import atomic_text
 
     split = None if args.split == "all" else args.split
     sources = tuple(args.sources.split(",")) if args.sources else None
@@ -274,7 +276,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         rep = evaluate(seg, args.data, cfg, progress=_progress_bar, keep_masks=args.montage)
         examples = rep.pop("_examples", [])
         tag = seg.name.replace(" ", "_").replace("+", "")
-        (out / f"eval_{tag}.json").write_text(json.dumps(rep, indent=1))
+        atomic_text(out / f"eval_{tag}.json", json.dumps(rep, indent=1))
         if examples:
             montage(examples, out / f"montage_{tag}.png")
         reports.append(rep)

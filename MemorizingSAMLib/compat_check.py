@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .compat_recipe import recipe_state_dict, recipe_volume
+from .fileio import atomic_write
 from .modeling.sam3d import Sam3D
 
 SHAPES_FILES = {"sammed3d": "shapes_sammed3d_vit_b.json", "fastsam3d": "shapes_fastsam3d_full_student.json"}
@@ -44,7 +45,7 @@ def write_upstream_checkpoint(npz_path: Path, out_path: Path) -> Path:
         "losses": [0.5],
         "best_loss": 0.5,
     }
-    torch.save(container, out_path)
+    atomic_write(out_path, lambda f: torch.save(container, f))
     return out_path
 
 

@@ -29,6 +29,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from .fileio import atomic_text, write_image
+
 PYRADIOMICS_VERSION = "3.0.1"
 PYRADIOMICS_CASES = ("lung1", "lung2", "brain1", "brain2", "breast1")
 
@@ -151,8 +153,8 @@ def prepare_dataset(
     cases = []
 
     def add(case, image, label, source, split, labels, structure_split=None):
-        sitk.WriteImage(image, str(dest / "images" / f"{case}.nii.gz"), useCompression=True)
-        sitk.WriteImage(label, str(dest / "labels" / f"{case}.nii.gz"), useCompression=True)
+        write_image(image, dest / "images" / f"{case}.nii.gz")
+        write_image(label, dest / "labels" / f"{case}.nii.gz")
         entry = {
             "id": case,
             "image": f"images/{case}.nii.gz",
@@ -191,7 +193,7 @@ def prepare_dataset(
         "sources": {k: v for k, v in SOURCES.items() if k in sources},
         "cases": cases,
     }
-    (dest / "dataset.json").write_text(json.dumps(meta, indent=1))
+    atomic_text(dest / "dataset.json", json.dumps(meta, indent=1))
     return dest
 
 

@@ -14,6 +14,7 @@ from .checkpoints import load_model
 from .datasets import load_dataset, targets
 from .evaluation.clicks import first_click, next_click
 from .evaluation.metrics import dice, summarise
+from .fileio import atomic_text, write_image
 from .session import InteractiveSession
 
 
@@ -86,7 +87,7 @@ def run_demo(model_path, data_dir, out_dir, clicks: int = 5, memory_path=None, e
         lm_img = sitk.GetImageFromArray(lm)
         lm_img.CopyInformation(img)
         path = out / f"{case['id']}_labelmap.nii.gz"
-        sitk.WriteImage(lm_img, str(path), useCompression=True)
+        write_image(lm_img, path)
         case_rep["labelmap"] = str(path)
         report["cases"].append(case_rep)
     from .evaluation.plots import montage
@@ -95,7 +96,7 @@ def run_demo(model_path, data_dir, out_dir, clicks: int = 5, memory_path=None, e
     all_lat = [v for c in report["cases"] for t in c["targets"] for v in t["latency_ms"][1:]]
     report["refinement_click_ms_p50"] = round(float(np.median(all_lat)), 1) if all_lat else None
     report["final_dice"] = {f"{c['id']}:{t['label']}": t["dice"][-1] for c in report["cases"] for t in c["targets"]}
-    (out / "demo_report.json").write_text(json.dumps(report, indent=1))
+    atomic_text(out / "demo_report.json", json.dumps(report, indent=1))
     echo(
         f"\nrefinement clicks: median {report['refinement_click_ms_p50']} ms; wrote {out}/ (labelmaps, montage.png, "
         "demo_report.json)"

@@ -13,7 +13,9 @@ Conventions (the source of most bugs in this field, so stated once and used ever
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -173,6 +175,20 @@ def normalize_crop(crop: np.ndarray, mode: str = "zscore_positive") -> np.ndarra
     return crop
 
 
+def check_gzip(path: str | os.PathLike) -> None:
+    """A gzip file (.nii.gz, ...) read to its end, so that its CRC and length are checked: SimpleITK reads a
+    truncated or damaged stream without a word (wrong voxels). Raises ImageError; files that are not gzip pass."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    try:
+        with gzip.open(path, "rb") as g:
+            while g.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise ImageError(f"{path}: damaged gzip data ({e}): the file is truncated or corrupt") from None
+
+
 def read_image(source: str | os.PathLike) -> sitk.Image:
     """Read a 3D image with SimpleITK: any file it reads (NIfTI, NRRD, MHA, ...) or a DICOM series folder."""
     p = Path(source)
@@ -187,6 +203,7 @@ def read_image(source: str | os.PathLike) -> sitk.Image:
         return reader.Execute()
     if not p.is_file():
         raise ImageError(f"{p}: no such image file")
+    check_gzip(p)
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as e:

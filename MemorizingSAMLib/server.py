@@ -44,7 +44,8 @@ try:  # optional dependency (pip install MemorizingSAMLib[server]); imported her
 except ImportError:  # pragma: no cover - reported by create_app
     FastAPI = None
 
-from .geometry import ImageError, image_from_array
+from .capabilities import capabilities
+from .geometry import ImageError, check_gzip, image_from_array
 from .paste import Region
 from .session import InteractiveSession, Prompt, PromptError, SessionOptions
 
@@ -113,6 +114,7 @@ def read_volume(body: bytes, fmt: str) -> sitk.Image:
     with tempfile.NamedTemporaryFile(suffix=suffix) as f:
         f.write(body)
         f.flush()
+        check_gzip(f.name)
         try:
             return sitk.ReadImage(f.name)
         except RuntimeError:
@@ -198,6 +200,7 @@ def create_app(
             "limits": asdict(limits),
             "sessions": len(sessions),
             "threads": threads,
+            "cpu": capabilities().to_json(),
         }
 
     @app.post("/sessions")

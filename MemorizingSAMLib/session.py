@@ -14,13 +14,16 @@ import copy
 import itertools
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .capabilities import bf16_note
 from .embedding_cache import EmbeddingCache
+from .fileio import write_image
 from .geometry import (
     CropGrid,
     Geometry,
@@ -255,6 +258,10 @@ class InteractiveSession:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.options = options or SessionOptions()
+        if self.options.product_dtype == "bfloat16":
+            note = bf16_note(self.device)
+            if note:
+                warnings.warn(f"product_dtype='bfloat16': {note}", RuntimeWarning, stacklevel=2)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.cfg = model.cfg
         # A MemoryBank (memory_bank.py), checked against the model; retrieval runs once per embedding.
@@ -656,10 +663,11 @@ class InteractiveSession:
         return out
 
     def save_labelmap(self, path: str | os.PathLike, priority: str = "first") -> None:
-        """Write :meth:`labelmap` with the volume's geometry (NIfTI, NRRD, ... by extension) via SimpleITK."""
+        """Write :meth:`labelmap` with the volume's geometry (NIfTI, NRRD, ... by extension) via SimpleITK,
+        atomically and verified (fileio.write_image): a failed write raises OSError and keeps any existing file."""
         img = sitk.GetImageFromArray(self.labelmap(priority))
         img.CopyInformation(self.image)
-        sitk.WriteImage(img, str(path), useCompression=True)
+        write_image(img, path)
 
 
 def _bounding(edits: list[MaskEdit]) -> Region | None:

@@ -170,3 +170,69 @@ def test_segment_wrong_usage_is_one_line(tmp_path, memsam):
         assert r.returncode != 0, args
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and text in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_segment_never_leaves_a_truncated_labelmap(tmp_path):
+    """A write that fails part-way (here a 1 KB file-size limit, as `ulimit -f 1`) exits non-zero, names the file,
+    and leaves the existing labelmap byte for byte as it was (ITK does not always report the short write)."""
+    import resource
+    import subprocess
+    import sys
+
+    path, img, gt, (i, j, k), ras = phantom_file(tmp_path, ".nii.gz")
+    out = tmp_path / "labels.nii.gz"
+    old = bytes(range(256)) * 40  # 10 KB that must survive
+    out.write_bytes(old)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "MemorizingSAMLib.cli",
+        "segment",
+        str(path),
+        "--point",
+        f"{i},{j},{k}",
+        "--coords",
+        "ijk",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
+    assert r.returncode != 0 and "wrote" not in r.stdout, (r.stdout, r.stderr)
+    assert str(out) in r.stderr and "Traceback" not in r.stderr
+    assert out.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("labels")) == ["labels.nii.gz"]
+
+
+def test_segment_refuses_outputs_it_cannot_write_before_running(tmp_path, memsam):
+    import os
+
+    path, img, gt, (i, j, k), ras = phantom_file(tmp_path, ".nii.gz")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    cases = [
+        (tmp_path / "slice.png", "write a 3D image as one of"),
+        (tmp_path, "is a folder"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((locked / "labels.nii.gz", "not writable"))
+    for out, text in cases:
+        r = memsam("segment", str(path), "--point", f"{i},{j},{k}", "--coords", "ijk", "--out", str(out))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and text in lines[0], (out, r.stderr)
+        assert "voxels" not in r.stdout  # refused before the model ran
+    assert not (tmp_path / "slice.png").exists()
+
+
+def test_segment_refuses_a_truncated_image(tmp_path, memsam):
+    path, img, gt, (i, j, k), ras = phantom_file(tmp_path, ".nii.gz")
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(path.read_bytes()[:-200])
+    r = memsam("segment", str(cut), "--point", f"{i},{j},{k}", "--coords", "ijk", "--out", str(tmp_path / "o.nii.gz"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "damaged gzip" in lines[0], r.stderr
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MemorizingSAMLib.geometry import CropGrid, Geometry, read_image, resample_to_crop
+from MemorizingSAMLib.geometry import CropGrid, Geometry, ImageError, read_image, resample_to_crop
 from MemorizingSAMLib.paste import PasteScratch, Region, positive_region, sample_region, sample_tiles
 
 RADIUS_MM = 15.0
@@ -180,3 +180,19 @@ def test_positive_region_bounds_every_positive_voxel(oblique):
         assert region.lo[1] <= jj.min() and jj.max() < region.hi[1]
         assert region.lo[2] <= kk.min() and kk.max() < region.hi[2]
     assert positive_region(torch.full((1, 1, 32, 32, 32), -1.0), geom, grid) is None
+
+
+def test_damaged_gzip_images_are_refused(tmp_path):
+    """SimpleITK reads a truncated or damaged .nii.gz without a word; read_image checks the stream to its end."""
+    arr = np.random.default_rng(0).integers(0, 1000, (20, 40, 50)).astype(np.int16)
+    path = tmp_path / "v.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), useCompression=True)
+    data = path.read_bytes()
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(path)), arr)
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) * 2 // 3])
+    bad = bytearray(data)
+    bad[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in bad[len(data) // 2 : len(data) // 2 + 64])
+    (tmp_path / "flipped.nii.gz").write_bytes(bytes(bad))
+    for name in ("cut.nii.gz", "flipped.nii.gz"):
+        with pytest.raises(ImageError, match="damaged gzip"):
+            read_image(tmp_path / name)

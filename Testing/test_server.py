@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
@@ -262,3 +263,19 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server):
     assert r.mask().shape == (24, 48, 56)
     with pytest.raises(RemoteError, match="outside"):
         r.add_point((999, 0, 0))
+
+
+def test_damaged_gzip_uploads_are_refused(server, tmp_path):
+    """A truncated .nii.gz, or one with flipped bytes, used to load with wrong voxels; now a 400 naming it."""
+    img = sitk.GetImageFromArray(volume())
+    path = tmp_path / "v.nii.gz"
+    sitk.WriteImage(img, str(path), useCompression=True)
+    data = path.read_bytes()
+    flipped = bytearray(data)
+    mid = slice(len(data) // 2, len(data) // 2 + 64)
+    flipped[mid] = bytes(b ^ 0xFF for b in flipped[mid])
+    for body in (data[: len(data) // 2], bytes(flipped)):
+        status, reply = raw(server, "POST", "/sessions?format=nii.gz", body, ctype="application/octet-stream")
+        assert status == 400 and "damaged gzip" in reply["detail"], (status, reply)
+    status, reply = raw(server, "POST", "/sessions?format=nii.gz", data, ctype="application/octet-stream")
+    assert status == 200, reply

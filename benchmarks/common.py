@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from MemorizingSAMLib.capabilities import capabilities
 
 COMPAT_DIR = Path(__file__).resolve().parent.parent / "Testing" / "Data" / "compat"
 
@@ -30,8 +31,12 @@ def calibration_gflops() -> float:
 
 
 def machine_info() -> dict:
+    caps = capabilities()
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": caps.cpu,
+        "cpu_flags": list(caps.flags),
+        "aten_isa": caps.aten_isa,
+        "onednn_bf16": caps.onednn_bf16,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

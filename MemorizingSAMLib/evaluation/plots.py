@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write
+
 
 def _plt():
     import matplotlib
@@ -29,7 +31,7 @@ def dice_curve(reports: list[dict], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax.set_title("Dice after each simulated click")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)
     return Path(path)
 
@@ -56,6 +58,6 @@ def montage(examples: list[dict], path: str | Path) -> Path:
             ax.set_title(f"{ex['case']} {ex['name']}\n{title}" if title == "image" else title, fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)
     return Path(path)

@@ -20,11 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capabilities import capabilities
+
 _ATTR = "_memsam_packed"
 
 
-def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _can_pack(dtype: torch.dtype) -> bool:
+    """oneDNN can pack (and run) weights of ``dtype`` on this CPU (see MemorizingSAMLib.capabilities)."""
+    caps = capabilities()
+    return caps.onednn and (dtype == torch.float32 or (dtype == torch.bfloat16 and caps.onednn_bf16))
 
 
 @dataclass
@@ -92,8 +96,8 @@ def ensure_packed(
     current = packs.get(dtype)
     if current is not None and current.version == w._version and current.data_ptr == w.data_ptr():
         return True
-    if not _onednn_available() or w.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return False
+    if w.device.type != "cpu" or not _can_pack(dtype):
+        return False  # the plain path (ATen's kernels) serves it
     w2d = weight2d() if callable(weight2d) else weight2d
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(w2d.detach().to(dtype).contiguous(), batch_hint)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import load_model, save_checkpoint
 from ..evaluation.clicks import next_click
+from ..fileio import atomic_write
 from ..modeling.memory_attention import MemoryProvider
 from ..modeling.sam3d import Sam3D
 from .data import AugmentConfig, Target, TrainingData
@@ -184,6 +185,7 @@ def train(
             )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(model, ck, metadata={"step": done, "tag": tag, "train_config": asdict(cfg)})
-            torch.save({"optimizer": opt.state_dict(), "step": done, "rng": rng.bit_generator.state}, state_path)
+            state = {"optimizer": opt.state_dict(), "step": done, "rng": rng.bit_generator.state}
+            atomic_write(state_path, lambda f: torch.save(state, f))  # noqa: B023 (called at once)
     model.eval()
     return ck
