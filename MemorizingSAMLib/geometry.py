@@ -13,15 +13,15 @@ Conventions (the source of most bugs in this field, so stated once and used ever
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .image_checks import FileCheckError, check_image_file
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -175,18 +175,13 @@ def normalize_crop(crop: np.ndarray, mode: str = "zscore_positive") -> np.ndarra
     return crop
 
 
-def check_gzip(path: str | os.PathLike) -> None:
-    """A gzip file (.nii.gz, ...) read to its end, so that its CRC and length are checked: SimpleITK reads a
-    truncated or damaged stream without a word (wrong voxels). Raises ImageError; files that are not gzip pass."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            return
+def check_file(path: str | os.PathLike) -> None:
+    """What SimpleITK lets through silently, refused before it reads the file (image_checks.py): damaged gzip
+    streams, NIfTI headers declaring more voxels than the file holds, NaN / inf NIfTI voxels. Raises ImageError."""
     try:
-        with gzip.open(path, "rb") as g:
-            while g.read(1 << 22):
-                pass
-    except (OSError, EOFError, zlib.error) as e:
-        raise ImageError(f"{path}: damaged gzip data ({e}): the file is truncated or corrupt") from None
+        check_image_file(path)
+    except FileCheckError as e:
+        raise ImageError(f"{path}: {e}") from None
 
 
 def read_image(source: str | os.PathLike) -> sitk.Image:
@@ -203,7 +198,7 @@ def read_image(source: str | os.PathLike) -> sitk.Image:
         return reader.Execute()
     if not p.is_file():
         raise ImageError(f"{p}: no such image file")
-    check_gzip(p)
+    check_file(p)
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as e:
@@ -238,8 +233,12 @@ def validate_image(img: sitk.Image) -> None:
         raise ImageError(f"the image is empty (size {img.GetSize()})")
     if any(s <= 0 or not np.isfinite(s) for s in img.GetSpacing()):
         raise ImageError(f"invalid voxel spacing {img.GetSpacing()}")
-    if abs(abs(np.linalg.det(np.asarray(img.GetDirection()).reshape(3, 3))) - 1.0) > 1e-3:
-        raise ImageError("the direction matrix is not orthonormal")
+    if not all(np.isfinite(v) for v in img.GetOrigin()):
+        raise ImageError(f"invalid origin {tuple(float(v) for v in img.GetOrigin())}")
+    d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not np.all(np.isfinite(d)) or not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+        # (a sheared matrix can have determinant 1; NIfTI writers would replace it silently)
+        raise ImageError(f"the direction matrix {np.round(d, 4).tolist()} is not orthonormal (sheared or singular)")
     view = sitk.GetArrayViewFromImage(img)
     if np.issubdtype(view.dtype, np.floating):
         # Slab by slab, so a 1024^3 volume needs no whole-volume temporary.

@@ -11,8 +11,9 @@ File layout (little-endian), version 2 (version 1, without "foreground", is stil
               token's patch inside the entry's structure (mask-aware memory values)
 
 Loading checks magic, version, size, CRCs of the header and of the descriptors, and that the bank was built for
-the same model (config and a fingerprint of the weights that produce the memory layer's keys and values). Keys and
-values stay memory-mapped: only retrieved entries are read. Writing goes to a temporary file in the same folder
+the same model (config and a hash of every weight that produces the memory layer's keys and values). Keys and
+values stay memory-mapped: only retrieved entries are read, each checked against its CRC32 (and for NaN / inf) the
+first time. Writing goes to a temporary file in the same folder
 that is renamed into place, so a crash never leaves a half-written bank under the bank's name.
 """
 
@@ -55,11 +56,13 @@ class MemoryBankError(ValueError):
     """A memory bank that cannot be used, with the reason."""
 
 
-def model_fingerprint(model: Sam3D, layer: int) -> str:
-    """Short hash of the weights that determine the keys/values of encoder block ``layer``: patch and position
-    embedding, blocks before it, and its norm1 and qkv. Strided samples keep it fast for large models."""
+FINGERPRINT_FULL = "sha256-full"
+
+
+def _fingerprint_tensors(model: Sam3D, layer: int) -> list[tuple[str, torch.Tensor]]:
+    """The weights that determine the keys/values of encoder block ``layer``: patch and position embedding, the
+    blocks before it, and its norm1 and qkv."""
     enc = model.image_encoder
-    h = hashlib.sha256()
     tensors = list(enc.patch_embed.state_dict().items()) + [("pos_embed", enc.pos_embed)]
     for i, blk in enumerate(enc.blocks[: layer + 1]):
         items = (
@@ -72,13 +75,28 @@ def model_fingerprint(model: Sam3D, layer: int) -> str:
         tensors += [
             (f"{i}.{k}", v) for k, v in items if not k.endswith(("memory_gate", "memory_fg", "memory_pos_bias"))
         ]
-    for name, t in tensors:
+    return tensors
+
+
+def model_fingerprint(model: Sam3D, layer: int, kind: str = FINGERPRINT_FULL) -> str:
+    """Hash of the weights that make the keys/values of encoder block ``layer`` (see _fingerprint_tensors): every
+    weight, as float32 (``kind`` "sha256-full"); banks written before it carry the "sampled" kind (every 4096th
+    weight), which is still checked as it was."""
+    h = hashlib.sha256()
+    for name, t in _fingerprint_tensors(model, layer):
         flat = t.detach().float().reshape(-1).cpu()
-        sample = flat[:: max(1, flat.numel() // 4096)]
+        if kind != FINGERPRINT_FULL:
+            flat = flat[:: max(1, flat.numel() // 4096)]
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(sample.numpy().astype(np.float32).tobytes())
+        h.update(flat.numpy().astype(np.float32).tobytes())
     return h.hexdigest()[:32]
+
+
+def row_crcs(a: np.ndarray) -> list[int]:
+    """CRC32 of each entry's row (keys, values): checked when the entry is first read, so a damaged row is
+    found without reading the whole bank at load."""
+    return [zlib.crc32(np.ascontiguousarray(row).tobytes()) for row in a]
 
 
 @dataclass
@@ -132,6 +150,7 @@ def write_bank(
                 "shape": list(a.shape),
                 "offset": offset,
                 "crc32": zlib.crc32(a.tobytes()) if name in ("descriptors", "foreground") else None,
+                "row_crc32": row_crcs(a) if name in ("keys", "values") else None,
             }
         )
         offset = _aligned(offset + a.nbytes)
@@ -139,6 +158,7 @@ def write_bank(
         "version": VERSION,
         "model_config": model.cfg.to_dict(),
         "model_fingerprint": model_fingerprint(model, layer),
+        "fingerprint_kind": FINGERPRINT_FULL,
         "layer": int(layer),
         "descriptor": descriptor_spec(model.cfg.encoder.memory_descriptor),
         "arrays": table,
@@ -177,7 +197,10 @@ class MemoryBank:
     local_ratio: float = 0.3
     foreground: np.ndarray | None = None
     descriptor_kind: str = "token_mean_std_random_projection"
+    fingerprint_kind: str = "sampled"
+    row_crc32: dict[str, list[int]] | None = None  # per-entry CRCs of keys and values (banks of this version)
     _desc_sq: torch.Tensor | None = field(default=None, repr=False)
+    _verified: set[int] = field(default_factory=set, repr=False)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -245,7 +268,16 @@ class MemoryBank:
             local_ratio,
             arrays.get("foreground"),
             desc["kind"],
+            header.get("fingerprint_kind", "sampled"),
+            {
+                spec["name"]: spec["row_crc32"]
+                for spec in header["arrays"]
+                if spec.get("row_crc32") is not None and len(spec["row_crc32"]) == spec["shape"][0]
+            }
+            or None,
         )
+        if not bank.descriptors.isfinite().all():
+            raise MemoryBankError(f"{p}: NaN or infinite descriptors")
         if model is not None:
             bank.check_model(model)
         return bank
@@ -262,7 +294,7 @@ class MemoryBank:
                 f"{self.path}: descriptors of kind {self.descriptor_kind}, {model.cfg.name} retrieves with "
                 f"{model.cfg.encoder.memory_descriptor}"
             )
-        if model_fingerprint(model, self.layer) != self.fingerprint:
+        if model_fingerprint(model, self.layer, self.fingerprint_kind) != self.fingerprint:
             raise MemoryBankError(f"{self.path}: built with other weights than this model's ({model.cfg.name})")
         enc = model.cfg.encoder
         if (enc.memory_mask_values or enc.memory_prior_embedding) and self.foreground is None:
@@ -288,10 +320,24 @@ class MemoryBank:
         """Keys and values (k, heads, tokens, head_dim) and foreground fractions (k, tokens) or None of entries
         ``idx`` as float16 tensors, in ``idx`` order. Reads only those entries from the memory-mapped file."""
         ids = idx.numpy()
-        keys = torch.from_numpy(np.stack([self.keys[i] for i in ids]))
-        values = torch.from_numpy(np.stack([self.values[i] for i in ids]))
+        keys = np.stack([self.keys[i] for i in ids])
+        values = np.stack([self.values[i] for i in ids])
+        for i, kv in zip(ids, zip(keys, values)):
+            if int(i) not in self._verified:
+                self._verify_entry(int(i), *kv)
+        keys, values = torch.from_numpy(keys), torch.from_numpy(values)
         fg = None if self.foreground is None else torch.from_numpy(np.stack([self.foreground[i] for i in ids]))
         return keys, values, fg
+
+    def _verify_entry(self, i: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """An entry's keys and values against their CRCs and for NaN / inf, the first time it is read."""
+        if self.row_crc32 is not None:
+            for name, rows in (("keys", keys), ("values", values)):
+                if zlib.crc32(np.ascontiguousarray(rows).tobytes()) != self.row_crc32[name][i]:
+                    raise MemoryBankError(f"{self.path}: corrupt {name} of entry {i} (checksum mismatch)")
+        if not (np.isfinite(keys).all() and np.isfinite(values).all()):
+            raise MemoryBankError(f"{self.path}: NaN or infinite keys or values in entry {i}")
+        self._verified.add(i)
 
     def provider(self, device: torch.device | str | None = None) -> BankProvider:
         return BankProvider(self, device)

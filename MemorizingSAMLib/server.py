@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - reported by create_app
     FastAPI = None
 
 from .capabilities import capabilities
-from .geometry import ImageError, check_gzip, image_from_array
+from .geometry import ImageError, check_file, image_from_array
 from .paste import Region
 from .session import InteractiveSession, Prompt, PromptError, SessionOptions
 
@@ -114,7 +114,7 @@ def read_volume(body: bytes, fmt: str) -> sitk.Image:
     with tempfile.NamedTemporaryFile(suffix=suffix) as f:
         f.write(body)
         f.flush()
-        check_gzip(f.name)
+        check_file(f.name)
         try:
             return sitk.ReadImage(f.name)
         except RuntimeError:

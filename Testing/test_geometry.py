@@ -196,3 +196,35 @@ def test_damaged_gzip_images_are_refused(tmp_path):
     for name in ("cut.nii.gz", "flipped.nii.gz"):
         with pytest.raises(ImageError, match="damaged gzip"):
             read_image(tmp_path / name)
+
+
+def test_files_silently_wrong_in_simpleitk_are_refused(tmp_path):
+    """NaN / inf NIfTI voxels (ITK reads them as 0), a header declaring 1000^3 voxels in a few hundred bytes (ITK
+    allocates first), a NaN origin and a sheared direction (det 1, not orthonormal) are refused with the reason."""
+    import gzip
+
+    from MemorizingSAMLib.geometry import validate_image
+
+    arr = np.random.default_rng(1).random((10, 20, 30)).astype(np.float32)
+    arr[3, 4, 5], arr[1, 1, 1] = np.nan, np.inf
+    for ext in (".nii", ".nii.gz"):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"nan{ext}"))
+        with pytest.raises(ImageError, match="2 NaN or infinite voxels"):
+            read_image(tmp_path / f"nan{ext}")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.int16)), str(tmp_path / "small.nii"))
+    head = bytearray((tmp_path / "small.nii").read_bytes())
+    head[42:48] = np.array([1000, 1000, 1000], "<i2").tobytes()  # dim[1..3]
+    (tmp_path / "huge.nii").write_bytes(bytes(head))
+    (tmp_path / "huge.nii.gz").write_bytes(gzip.compress(bytes(head)))
+    for name in ("huge.nii", "huge.nii.gz"):
+        assert (tmp_path / name).stat().st_size < 1000
+        with pytest.raises(ImageError, match=r"declares \(1000, 1000, 1000\) voxels"):
+            read_image(tmp_path / name)
+    img = sitk.GetImageFromArray(np.arange(6000, dtype=np.int16).reshape(10, 20, 30))
+    img.SetOrigin((float("nan"), 0.0, 0.0))
+    with pytest.raises(ImageError, match="invalid origin"):
+        validate_image(img)
+    img.SetOrigin((0.0, 0.0, 0.0))
+    img.SetDirection((1, 0.5, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(ImageError, match="not orthonormal"):
+        validate_image(img)

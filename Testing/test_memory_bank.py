@@ -182,3 +182,43 @@ def test_build_restricted_to_given_label_values(model, tmp_path):
     out = build_bank(model, [("c0", img, lab, [2])], {1: "liver", 2: "kidney"}, tmp_path / "b.msam", progress=None)
     bank = MemoryBank.load(out, model)
     assert [e["label"] for e in bank.entries] == ["kidney"]
+
+
+def test_damaged_keys_and_values_are_found_when_read(bank_path, model, tmp_path):
+    """4 KB flipped inside the keys, or NaN written into an entry's values, used to change masks silently: the
+    bank still opens (its arrays stay memory-mapped), and reading that entry raises."""
+    import json
+    import struct
+
+    data = bytearray(bank_path.read_bytes())
+    (hlen,) = struct.unpack("<Q", bytes(data[8:16]))
+    header = json.loads(bytes(data[16 : 16 + hlen]))["header"]
+    start = (16 + hlen + 63) // 64 * 64
+    spec = {a["name"]: a for a in header["arrays"]}
+    row = int(np.prod(spec["keys"]["shape"][1:])) * 2  # bytes per entry (float16)
+    damaged = bytearray(data)
+    at = start + spec["keys"]["offset"] + 2 * row + 100  # inside entry 2's keys
+    damaged[at : at + 4096] = bytes(b ^ 0x5A for b in damaged[at : at + 4096])
+    (tmp_path / "flipped.msam").write_bytes(bytes(damaged))
+    nan = bytearray(data)
+    at = start + spec["values"]["offset"] + 3 * row
+    nan[at : at + 64] = np.full(32, np.nan, np.float16).tobytes()
+    (tmp_path / "nan.msam").write_bytes(bytes(nan))
+    for name, entry in (("flipped.msam", 2), ("nan.msam", 3)):
+        bank = MemoryBank.load(tmp_path / name, model)
+        bank.retrieve_entries(torch.tensor([0]))  # an intact entry reads
+        with pytest.raises(MemoryBankError, match=f"entry {entry}"):
+            bank.retrieve_entries(torch.tensor([entry]))
+
+
+def test_one_changed_weight_invalidates_the_bank(bank_path, model):
+    """The fingerprint covers every weight that makes the memory layer's keys and values (it sampled every 27th)."""
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        w = other.image_encoder.blocks[0].mlp.lin1.weight
+        w.view(-1)[13] += 1e-3  # not a sampled position of the old fingerprint
+    with pytest.raises(MemoryBankError, match="other weights"):
+        MemoryBank.load(bank_path, other)
+    MemoryBank.load(bank_path, model)
