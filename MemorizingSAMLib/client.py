@@ -21,10 +21,10 @@ from .session import Prompt
 
 
 class RemoteError(RuntimeError):
-    """The server refused a request; the message is the server's."""
+    """The server refused a request (the message is the server's), or gave no answer (``status`` 0)."""
 
     def __init__(self, status: int, detail: str):
-        super().__init__(f"server answered {status}: {detail}")
+        super().__init__(f"server answered {status}: {detail}" if status else detail)
         self.status = status
 
 
@@ -56,17 +56,24 @@ class RemoteSession:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         for attempt in (0, 1):
+            reused = self._conn is not None
             conn = self._connection()
             try:
                 conn.request(method, self._parts.path + path, body=body, headers=headers)
                 r = conn.getresponse()
                 data = r.read()
                 break
-            except (http.client.HTTPException, ConnectionError, OSError):
+            except (http.client.HTTPException, ConnectionError, OSError) as e:
                 conn.close()
                 self._conn = None
-                if attempt:
-                    raise
+                # Sent again only where that cannot apply it twice: a GET or DELETE, or a kept-alive connection
+                # that the server had closed before the request (it was never read). A timeout may mean the
+                # server is still working on it: never resent.
+                closed_before = reused and isinstance(
+                    e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+                )
+                if attempt or not (method in ("GET", "DELETE") or closed_before):
+                    raise RemoteError(0, f"no answer from {self.url} ({type(e).__name__}: {e})") from None
         if r.status >= 400:
             try:
                 detail = json.loads(data).get("detail")

@@ -217,9 +217,16 @@ def image_from_array(
     if arr.ndim != 3:
         raise ImageError(f"expected a 3D array indexed [k, j, i], got {arr.ndim}D of shape {arr.shape}")
     img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    img.SetOrigin(tuple(float(s) for s in origin_lps))
-    img.SetDirection(tuple(float(s) for s in np.asarray(direction_lps, dtype=np.float64).reshape(-1)))
+    try:
+        img.SetSpacing(tuple(float(s) for s in spacing))
+        img.SetOrigin(tuple(float(s) for s in origin_lps))
+        img.SetDirection(tuple(float(s) for s in np.asarray(direction_lps, dtype=np.float64).reshape(-1)))
+    except (RuntimeError, TypeError, ValueError) as e:  # ITK refuses a singular direction, a wrong length ...
+        d = np.asarray(direction_lps, dtype=np.float64).reshape(-1).tolist()
+        raise ImageError(
+            f"invalid geometry (spacing {tuple(spacing)}, origin {tuple(origin_lps)}, direction {d}): the direction "
+            f"matrix is not orthonormal or a value is missing ({str(e).strip().splitlines()[-1]})"
+        ) from None
     return img
 
 

@@ -25,10 +25,13 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
+import zipfile
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +44,12 @@ import torch
 try:  # optional dependency (pip install MemorizingSAMLib[server]); imported here so FastAPI can resolve annotations
     from fastapi import Body, FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
 except ImportError:  # pragma: no cover - reported by create_app
     FastAPI = None
 
 from .capabilities import capabilities
-from .geometry import ImageError, check_file, image_from_array
+from .geometry import ImageError, check_file, image_from_array, validate_image
 from .paste import Region
 from .session import InteractiveSession, Prompt, PromptError, SessionOptions
 
@@ -67,7 +71,10 @@ async def discard_body(request: Request, max_bytes: int = DRAIN_MAX_BYTES) -> No
 @dataclass(frozen=True)
 class ServerLimits:
     max_upload_bytes: int = 512 * 2**20
-    max_voxels: int = 1024**3
+    max_voxels: int = 1024**3  # checked from the file's header, before the voxels are decoded
+    max_json_bytes: int = 2**20  # a request body other than an upload
+    max_prompts_per_request: int = 256  # set_prompts: each new prompt is a decode on the shared model thread
+    max_prompts_per_segment: int = 2048
     max_sessions: int = 16
     idle_timeout_s: float = 3600.0
     cache_bytes_per_session: int = 256 * 2**20
@@ -95,30 +102,151 @@ def prompt_to_json(p: Prompt) -> dict:
     return {"ijk": list(p.ijk), "include": p.include, "box_hi": list(p.box_hi) if p.box_hi else None, "tag": p.tag}
 
 
+def _triplet(v, what: str) -> tuple[float, float, float]:
+    if (
+        not isinstance(v, list)
+        or len(v) != 3
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    ):
+        raise ValueError(f"{what} must be three numbers, got {v!r}")
+    return tuple(float(x) for x in v)
+
+
 def prompt_from_json(d: dict) -> Prompt:
+    if not isinstance(d, dict):
+        raise ValueError(f"a prompt must be an object, got {d!r}")
     tag = d.get("tag")
     if tag is not None and not isinstance(tag, str):
         raise ValueError(f"a prompt's tag must be a string, got {tag!r}")
-    box_hi = tuple(float(v) for v in d["box_hi"]) if d.get("box_hi") else None
-    return Prompt(tuple(float(v) for v in d["ijk"]), bool(d.get("include", True)), box_hi, tag)
+    include = d.get("include", True)
+    if not isinstance(include, bool):
+        raise ValueError(f"'include' must be true or false, got {include!r}")
+    box_hi = _triplet(d["box_hi"], "box_hi") if d.get("box_hi") is not None else None
+    return Prompt(_triplet(d.get("ijk"), "ijk"), include, box_hi, tag)
 
 
-def read_volume(body: bytes, fmt: str) -> sitk.Image:
-    """A volume from uploaded bytes: a NIfTI/NRRD file, or an .npz with array, spacing, origin, direction."""
+NPZ_DTYPES = {np.dtype(t) for t in ("u1", "i1", "u2", "i2", "u4", "i4", "f4", "f8")}
+
+
+def _npz_member(z: zipfile.ZipFile, name: str, max_voxels: int | None = None) -> np.ndarray:
+    """One array of an .npz, its shape and dtype read from the header before anything is decompressed."""
+    try:
+        info = z.getinfo(name + ".npy")
+    except KeyError:
+        raise ImageError(f"the npz has no '{name}' array") from None
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject or dtype not in NPZ_DTYPES:
+            raise ImageError(f"'{name}' has dtype {dtype}; send integers, float32 or float64")
+        n = int(np.prod(shape, dtype=np.int64))
+        if max_voxels is not None and n > max_voxels:
+            raise VolumeTooLarge(f"{n} voxels exceed the limit of {max_voxels}")
+        data = f.read(n * dtype.itemsize + 1)
+    if len(data) != n * dtype.itemsize:
+        raise ImageError(f"'{name}' holds {len(data)} bytes for a {shape} {dtype} array")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _vector(z: zipfile.ZipFile, name: str, n: int) -> tuple[float, ...]:
+    v = _npz_member(z, name).astype(np.float64).reshape(-1)
+    if v.size != n or not np.all(np.isfinite(v)):
+        raise ImageError(f"'{name}' must be {n} finite numbers, got {v.tolist()}")
+    return tuple(float(x) for x in v)
+
+
+class VolumeTooLarge(ImageError):
+    pass
+
+
+def read_volume(body: bytes, fmt: str, max_voxels: int | None = None, tmp_dir: str | None = None) -> sitk.Image:
+    """A volume from uploaded bytes: a NIfTI/NRRD/MHA file, or an .npz with array, spacing, origin, direction.
+
+    Everything is checked before the voxels are decoded: dtypes and shapes (npz headers), the voxel count the
+    file declares (``max_voxels``, VolumeTooLarge), damaged gzip data, NaN / inf voxels; then the geometry."""
     if fmt == "npz":
-        with np.load(io.BytesIO(body), allow_pickle=False) as z:
-            return image_from_array(z["array"], tuple(z["spacing"]), tuple(z["origin"]), z["direction"])
+        try:
+            with zipfile.ZipFile(io.BytesIO(body)) as z:
+                arr = _npz_member(z, "array", max_voxels)
+                spacing, origin = _vector(z, "spacing", 3), _vector(z, "origin", 3)
+                direction = _vector(z, "direction", 9)
+        except (zipfile.BadZipFile, ValueError, EOFError) as e:
+            if isinstance(e, ImageError):
+                raise
+            raise ImageError(f"not a readable npz ({e})") from None
+        if arr.ndim != 3:
+            raise ImageError(f"'array' must be 3D [k, j, i], got shape {arr.shape}")
+        if any(s <= 0 for s in spacing):
+            raise ImageError(f"spacing must be positive, got {spacing}")
+        img = image_from_array(arr, spacing, origin, direction)
+        validate_image(img)
+        return img
     suffix = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha"}.get(fmt)
     if suffix is None:
         raise ImageError(f"unknown format {fmt!r}; use nii.gz, nii, nrrd, mha or npz")
-    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+    with tempfile.NamedTemporaryFile(suffix=suffix, dir=tmp_dir) as f:
         f.write(body)
         f.flush()
         check_file(f.name)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f.name)
         try:
-            return sitk.ReadImage(f.name)
+            reader.ReadImageInformation()
         except RuntimeError:
             raise ImageError(f"the uploaded bytes are not a readable {fmt} image") from None
+        n = int(np.prod(reader.GetSize(), dtype=np.int64))
+        if max_voxels is not None and n > max_voxels:
+            raise VolumeTooLarge(f"{n} voxels exceed the limit of {max_voxels}")
+        try:
+            img = reader.Execute()
+        except RuntimeError:
+            raise ImageError(f"the uploaded bytes are not a readable {fmt} image") from None
+    validate_image(img)
+    return img
+
+
+TMP_PREFIX = "memsam-serve-"
+
+
+def private_tmp_dir() -> str:
+    """This server's folder for uploads being decoded (a temporary file per upload, removed when read); folders
+    left by servers that were killed (their process is gone) are removed first."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if name.startswith(TMP_PREFIX):
+            pid = name[len(TMP_PREFIX) :].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ijk(body: dict, key: str) -> list[float]:
+    v = body.get(key)
+    if (
+        not isinstance(v, list)
+        or len(v) != 3
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    ):
+        raise HTTPException(422, f"'{key}' must be a list of three numbers [i, j, k], got {v!r}")
+    return [float(x) for x in v]
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+    v = body.get(key, default)
+    if not isinstance(v, bool):
+        raise HTTPException(422, f"'{key}' must be true or false, got {v!r}")
+    return v
 
 
 def create_app(
@@ -140,6 +268,8 @@ def create_app(
     device = str(next(model.parameters()).device)
     threads = worker.submit(torch.get_num_threads).result()  # as the model thread sees it: torch's is per thread
 
+    tmp_dir = private_tmp_dir()
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if token is not None and request.url.path not in ("/health", "/openapi.json", "/docs"):
@@ -147,6 +277,12 @@ def create_app(
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
         n = request.headers.get("content-length")
+        upload = request.url.path == "/sessions" and request.method == "POST"
+        if not upload and n is not None and n.isdigit() and int(n) > limits.max_json_bytes:
+            await discard_body(request)
+            return JSONResponse(
+                {"detail": f"request body of {n} bytes exceeds the limit of {limits.max_json_bytes}"}, status_code=413
+            )
         if n is not None and n.isdigit() and int(n) > limits.max_upload_bytes:
             await discard_body(request)
             return JSONResponse(
@@ -172,6 +308,10 @@ def create_app(
         if seg not in entry["session"].segments:
             raise HTTPException(404, f"no segment {seg} in this session")
         return seg
+
+    def room(entry, seg, n: int) -> None:
+        if len(entry["session"].placed(seg)) + n > limits.max_prompts_per_segment:
+            raise HTTPException(422, f"segment {seg} has the most prompts allowed ({limits.max_prompts_per_segment})")
 
     def region_reply(entry, seg, region):
         s = entry["session"]
@@ -218,12 +358,13 @@ def create_app(
         if not body:
             raise HTTPException(400, "empty body: send the volume's bytes")
         try:
-            img = read_volume(bytes(body), format)
+            # Decoding is CPU work: off the event loop, so /health and the other sessions' requests go on.
+            img = await run_in_threadpool(read_volume, bytes(body), format, limits.max_voxels, tmp_dir)
+        except VolumeTooLarge as e:
+            raise HTTPException(413, str(e)) from None
         except (ImageError, KeyError, ValueError, OSError) as e:
             raise HTTPException(400, f"cannot read the volume: {e}") from None
-        voxels = int(np.prod(img.GetSize()))
-        if voxels > limits.max_voxels:
-            raise HTTPException(413, f"{voxels} voxels exceed the limit of {limits.max_voxels}")
+        del body
         from .embedding_cache import EmbeddingCache
 
         session = InteractiveSession(
@@ -257,27 +398,40 @@ def create_app(
     def add_point(sid: str, seg: int, body: dict = Body(...)):
         e = get(sid)
         segment_of(e, seg)
-        if "ijk" not in body:
-            raise HTTPException(422, "body needs 'ijk': [i, j, k]")
-        region = run(lambda: e["session"].add_point(body["ijk"], bool(body.get("include", True)), seg))
+        ijk, include = _ijk(body, "ijk"), _flag(body, "include", True)
+        room(e, seg, 1)
+        region = run(lambda: e["session"].add_point(ijk, include, seg))
         return region_reply(e, seg, region)
 
     @app.post("/sessions/{sid}/segments/{seg}/boxes")
     def add_box(sid: str, seg: int, body: dict = Body(...)):
         e = get(sid)
         segment_of(e, seg)
-        if "ijk_min" not in body or "ijk_max" not in body:
-            raise HTTPException(422, "body needs 'ijk_min' and 'ijk_max'")
-        return region_reply(e, seg, run(lambda: e["session"].add_box(body["ijk_min"], body["ijk_max"], seg)))
+        lo, hi = _ijk(body, "ijk_min"), _ijk(body, "ijk_max")
+        room(e, seg, 1)
+        return region_reply(e, seg, run(lambda: e["session"].add_box(lo, hi, seg)))
 
     @app.post("/sessions/{sid}/segments/{seg}/prompts")
     def set_prompts(sid: str, seg: int, body: dict = Body(...)):
         e = get(sid)
         segment_of(e, seg)
+        given = body.get("prompts")
+        if not isinstance(given, list):
+            raise HTTPException(422, "body needs 'prompts': a list of prompts")
+        if len(given) > limits.max_prompts_per_segment:
+            raise HTTPException(422, f"{len(given)} prompts exceed the limit of {limits.max_prompts_per_segment}")
         try:
-            prompts = [prompt_from_json(p) for p in body["prompts"]]
+            prompts = [prompt_from_json(p) for p in given]
         except (KeyError, TypeError, ValueError) as err:
             raise HTTPException(422, f"malformed prompts: {err}") from None
+        placed = e["session"].placed(seg)
+        same = next((i for i, (a, b) in enumerate(zip(placed, prompts)) if a != b), min(len(placed), len(prompts)))
+        if len(prompts) - same > limits.max_prompts_per_request:
+            raise HTTPException(
+                422,
+                f"{len(prompts) - same} new prompts in one request exceed the limit of "
+                f"{limits.max_prompts_per_request} (each is a decode on the shared model thread)",
+            )
         return region_reply(e, seg, run(lambda: e["session"].set_prompts(prompts, seg)))
 
     for action in ("undo", "redo", "reset"):

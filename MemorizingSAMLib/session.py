@@ -84,7 +84,7 @@ class PromptState:
     # crop, one box), and ``chain[n]``, the model state after ``placed[: n + 1]``: a change at prompt n replays
     # from chain[n - 1], so appending or moving the newest prompt costs one decode.
     placed: tuple[Prompt, ...] = ()
-    chain: tuple[PromptState, ...] = ()
+    chain: tuple[PromptState | None, ...] = ()  # None: dropped (SessionOptions.max_chain_states)
 
     def base(self) -> PromptState:
         """The state before the first prompt (a locked crop stays)."""
@@ -146,12 +146,17 @@ class Step:
     before: PromptState
     after: PromptState
     edits: list[MaskEdit]
-    nbytes: int = field(init=False)  # what the step holds: packed mask bits + its result's low-res logits
+    nbytes: int = field(init=False)  # what the step holds: packed mask bits, its result's low-res logits, prompts
 
     def __post_init__(self) -> None:
         low = self.after.low_res
-        self.nbytes = sum(e.before.nbytes + e.after.nbytes for e in self.edits) + (
-            low.numel() * low.element_size() if low is not None else 0
+        # The prompt tuples are new objects per step (8 bytes a reference, plus the Prompt itself when new):
+        # counted, so that 10,000 clicks stay within the cap instead of growing quadratically outside it.
+        a = self.after
+        self.nbytes = (
+            sum(e.before.nbytes + e.after.nbytes for e in self.edits)
+            + (low.numel() * low.element_size() if low is not None else 0)
+            + 8 * (len(a.placed) + len(a.chain) + len(a.prompts))
         )
 
 
@@ -206,6 +211,8 @@ class SessionOptions:
     box_strategy: how a box becomes prompts for models without box embeddings (see add_box).
     clamp_to_box: voxels outside a segment's box are never set.
     recrop_margin: a prompt closer than this many model voxels to the crop's faces moves the crop.
+    max_chain_states: the model state after each of this many newest prompts is kept, so that moving or deleting
+        one of them replays only from there (a change further back replays from the newest state kept before it).
     max_points: at most this many of the newest clicks in the crop go to the model; older ones act through the
         previous logits (the mask prompt). SAM-Med3D trains with 1-10 accumulated clicks, so 10 keeps the input in
         the training distribution and the decoder's cost bounded.
@@ -223,10 +230,13 @@ class SessionOptions:
     max_points: int = 10
     product_dtype: str | None = None
     max_undo_bytes: int = 256 * 2**20
+    max_chain_states: int = 64
 
     def __post_init__(self) -> None:
         if self.max_points < 1:
             raise ValueError(f"max_points must be >= 1, got {self.max_points}")
+        if self.max_chain_states < 1:
+            raise ValueError(f"max_chain_states must be >= 1, got {self.max_chain_states}")
         if self.max_undo_bytes < 0:
             raise ValueError(f"max_undo_bytes must be >= 0, got {self.max_undo_bytes}")
         if self.product_dtype not in PRODUCT_DTYPES:
@@ -545,12 +555,18 @@ class InteractiveSession:
         m = 0
         while m < min(len(old.placed), len(prompts)) and old.placed[m] == prompts[m]:
             m += 1
+        # Restart from the newest state kept at or before the last unchanged prompt (older ones are dropped).
+        while m and old.chain[m - 1] is None:
+            m -= 1
         chain = list(old.chain[:m])
         state = chain[-1] if chain else old.base()
         low = state.low_res
         for p in prompts[m:]:
             state, low = self._predict(replace(state, prompts=state.prompts + (p,)), p, low_override=None)
             chain.append(state)
+        # A state per prompt is one low-res logit volume (128 KB at 32^3): only the newest ones are kept.
+        keep = self.options.max_chain_states
+        chain[: max(0, len(chain) - keep)] = [None] * max(0, len(chain) - keep)
         # The result replaces this segment's previous one, except that prompts added in a new crop keep the mask
         # built so far in the old one (as clicks do).
         clear = None if m == len(old.placed) and state.crop != old.crop else old.last_region

@@ -1,13 +1,16 @@
 """The inference server as a real process on 127.0.0.1, driven by RemoteSession and raw HTTP."""
 
 import http.client
+import io
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -279,3 +282,105 @@ def test_damaged_gzip_uploads_are_refused(server, tmp_path):
         assert status == 400 and "damaged gzip" in reply["detail"], (status, reply)
     status, reply = raw(server, "POST", "/sessions?format=nii.gz", data, ctype="application/octet-stream")
     assert status == 200, reply
+
+
+def npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def huge_declared_npz() -> bytes:
+    """An npz whose 'array' header declares 2000^3 uint8 voxels (8 GB) over a few bytes of data."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": (2000, 2000, 2000)})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("array.npy", head.getvalue() + b"\0" * 64)
+        for name, v in (("spacing", [1.0] * 3), ("origin", [0.0] * 3), ("direction", np.eye(3).reshape(-1))):
+            b = io.BytesIO()
+            np.save(b, np.asarray(v, np.float64))
+            z.writestr(f"{name}.npy", b.getvalue())
+    return buf.getvalue()
+
+
+def test_bad_uploads_and_bodies_are_4xx_and_leave_nothing_behind(server):
+    """Each used to be a bare 500, a decode of gigabytes, or work without bound on the shared model thread."""
+    before = RemoteSession(server, TOKEN).info()["sessions"]
+    small = volume()[:20, :40, :40]  # well under the test server's 1 MB upload limit
+    good = dict(array=small, spacing=np.array(SPACING), origin=np.zeros(3), direction=np.eye(3).reshape(-1))
+
+    def upload(body):
+        return raw(server, "POST", "/sessions?format=npz", body, ctype="application/octet-stream")
+
+    cases = [
+        (npz_bytes(**{**good, "array": small > 100}), 400, "dtype bool"),
+        (npz_bytes(**{**good, "array": small.astype(np.float16)}), 400, "dtype float16"),
+        (npz_bytes(**{**good, "array": small.astype(np.complex64)}), 400, "dtype complex64"),
+        (npz_bytes(**{**good, "spacing": np.array([1.0, 0.0, 1.0])}), 400, "spacing must be positive"),
+        (npz_bytes(**{**good, "spacing": np.array([1.0, 1.0])}), 400, "'spacing' must be 3"),
+        (npz_bytes(**{**good, "direction": np.zeros(9)}), 400, "not orthonormal"),
+        (npz_bytes(**{**good, "origin": np.array([np.nan, 0, 0])}), 400, "'origin' must be 3 finite"),
+        (huge_declared_npz(), 413, "exceed the limit"),
+    ]
+    for body, status, text in cases:
+        try:
+            got, reply = upload(body)
+        except Exception as e:
+            raise AssertionError(text) from e
+        assert got == status and text in reply["detail"], (text, got, reply)
+    assert RemoteSession(server, TOKEN).info()["sessions"] == before  # nothing half-created
+    r = RemoteSession(server, TOKEN)
+    r.set_image(volume(), spacing=SPACING)
+    seg = r.add_segment()
+    base = f"/sessions/{r.sid}/segments/{seg}"
+    for path, body, status, text in [
+        ("/points", {"ijk": {"i": 1, "j": 2, "k": 3}}, 422, "three numbers"),
+        ("/points", {"ijk": [30, 24, 12], "include": "false"}, 422, "true or false"),
+        ("/prompts", {"prompts": [{"ijk": [30, 24, 12], "include": "no"}]}, 422, "true or false"),
+        ("/prompts", {"prompts": [{"ijk": [20 + n % 20, 24, 12]} for n in range(300)]}, 422, "limit of 256"),
+        ("/boxes", {"ijk_min": [1, 2], "ijk_max": [3, 4, 5]}, 422, "three numbers"),
+    ]:
+        got, reply = raw(server, "POST", base + path, json.dumps(body).encode())
+        assert got == status and text in reply["detail"], (path, got, reply)
+    got, reply = raw(server, "POST", base + "/points", b'{"ijk": [1, 1, 1], "pad": "' + b"x" * 2**21 + b'"}')
+    assert got == 413 and "limit" in reply["detail"]
+    assert r.placed(seg) == ()  # none of that reached the session
+    r.add_point((30, 24, 12))
+    assert len(r.placed(seg)) == 1
+    r.close()
+
+
+def test_client_never_resends_what_the_server_may_have_applied():
+    """A server that read the request and then dropped the connection (a crash or a timeout mid-work): the click
+    is not sent a second time, and the error names the server. A server that is gone: the same kind of error."""
+    received = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+
+    def serve_once():
+        for _ in range(2):
+            listener.settimeout(3)
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            received.append(conn.recv(65536))
+            conn.close()  # no answer
+
+    t = threading.Thread(target=serve_once, daemon=True)
+    t.start()
+    r = RemoteSession(f"http://127.0.0.1:{port}", TOKEN, timeout=3)
+    r.sid, r.size, r.active = "s", (10, 10, 10), 1
+    r.masks[1] = np.zeros((10, 10, 10), np.uint8)
+    with pytest.raises(RemoteError, match=f"no answer from http://127.0.0.1:{port}") as e:
+        r.add_box((1, 1, 1), (5, 5, 5))
+    assert e.value.status == 0
+    t.join(5)
+    assert len(received) == 1 and received[0].startswith(b"POST ")
+    listener.close()
+    gone = RemoteSession(f"http://127.0.0.1:{port}", TOKEN, timeout=3)
+    with pytest.raises(RemoteError, match="no answer from"):
+        gone.info()

@@ -485,3 +485,23 @@ def test_undo_history_is_bounded_and_what_stays_still_restores_exactly(model):
         SessionOptions(max_undo_bytes=-1)
     with pytest.raises(ValueError, match="max_points"):
         SessionOptions(max_points=0)
+
+
+def test_kept_states_are_bounded_and_older_changes_replay_from_the_newest_kept(session):
+    """The state after each prompt costs a low-res logit volume: only the newest max_chain_states stay, and a change
+    before them replays from the start (more decodes, the same mask)."""
+    s = InteractiveSession(session.model, SessionOptions(max_chain_states=3))
+    s.set_image(volume(), spacing=(0.8, 0.8, 2.5))
+    seg = s.add_segment()
+    for n in range(1, 7):
+        s.set_prompts(PLACED[: n % 5 + 1] if n <= 4 else PLACED + [Prompt((49, 59, 20), n % 2 == 0, tag=f"x{n}")], seg)
+    placed = list(s.placed(seg))
+    assert sum(st is not None for st in s.segments[seg].state.chain) == 3 and len(placed) == 6
+    moved = placed[:1] + [Prompt((57, 65, 21), False, tag="b")] + placed[2:]
+    s.set_prompts(moved, seg)
+    assert s.last_timing["decodes"] == 6  # prompt 2 changed, no state kept before it but the base
+    fresh = s.add_segment()
+    s.set_prompts(moved, fresh)
+    assert np.array_equal(s.mask(seg), s.mask(fresh))
+    s.set_prompts(moved[:-1] + [Prompt((50, 61, 20), True, tag="y")], seg)
+    assert s.last_timing["decodes"] == 1
