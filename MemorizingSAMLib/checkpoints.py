@@ -149,6 +149,24 @@ def _same_weights_layout(a: Sam3DConfig, b: Sam3DConfig) -> bool:
     return a.encoder == b.encoder and replace(a.mask_decoder, num_heads=b.mask_decoder.num_heads) == b.mask_decoder
 
 
+def _check_config_fits(cfg: Sam3DConfig, sd: dict[str, torch.Tensor], path) -> None:
+    """The sizes a config would build, against the weights, before anything is built: a stored config of depth
+    10^6 would otherwise take minutes to build on the meta device before the key check refuses it."""
+    keys = list(sd)
+    enc_blocks = len(_block_indices(keys, "image_encoder."))
+    dec = {int(m.group(1)) for k in keys if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))}
+    pw = sd.get("image_encoder.patch_embed.proj.weight")
+    problems = []
+    if enc_blocks != cfg.encoder.depth:
+        problems.append(f"encoder depth {cfg.encoder.depth}, the weights have {enc_blocks} blocks")
+    if len(dec) != cfg.mask_decoder.depth:
+        problems.append(f"decoder depth {cfg.mask_decoder.depth}, the weights have {len(dec)} layers")
+    if pw is not None and pw.shape[0] != cfg.encoder.embed_dim:
+        problems.append(f"encoder width {cfg.encoder.embed_dim}, the weights have {pw.shape[0]}")
+    if problems:
+        raise CheckpointError(f"{path}: the model config does not fit the weights ({'; '.join(problems)})")
+
+
 def _block_indices(keys: list[str], prefix: str) -> list[int]:
     idx = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
     return sorted(idx)
@@ -346,6 +364,7 @@ def load_model(
             found = arch.describe() if arch else f"{cfg.name} (config stored in the file)"
             raise CheckpointError(f"{path}: expected a {want.name} checkpoint, but the file looks like {found}")
         cfg = want
+    _check_config_fits(cfg, sd, path)
     with torch.device("meta"):
         model = Sam3D(cfg)
     _check_against(model.state_dict(), sd, f"{cfg.name}" + (f" [{arch.describe()}]" if arch else ""))

@@ -21,13 +21,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .image_checks import FileCheckError, check_image_file
+from .image_checks import FileCheckError, TooManyVoxels, check_image_file
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 class ImageError(ValueError):
     """An image that cannot be used, with the reason."""
+
+
+class ImageTooLarge(ImageError):
+    """An image with more voxels than a limit allows (told before its voxels are decoded)."""
 
 
 @dataclass(frozen=True)
@@ -175,11 +179,14 @@ def normalize_crop(crop: np.ndarray, mode: str = "zscore_positive") -> np.ndarra
     return crop
 
 
-def check_file(path: str | os.PathLike) -> None:
+def check_file(path: str | os.PathLike, max_voxels: int | None = None) -> None:
     """What SimpleITK lets through silently, refused before it reads the file (image_checks.py): damaged gzip
-    streams, NIfTI headers declaring more voxels than the file holds, NaN / inf NIfTI voxels. Raises ImageError."""
+    streams, NIfTI headers declaring more voxels than the file holds (or than ``max_voxels``), NaN / inf NIfTI
+    voxels. Raises ImageError (ImageTooLarge for ``max_voxels``)."""
     try:
-        check_image_file(path)
+        check_image_file(path, max_voxels)
+    except TooManyVoxels as e:
+        raise ImageTooLarge(str(e)) from None
     except FileCheckError as e:
         raise ImageError(f"{path}: {e}") from None
 

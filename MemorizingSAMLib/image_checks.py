@@ -29,6 +29,10 @@ class FileCheckError(ValueError):
     pass
 
 
+class TooManyVoxels(FileCheckError):
+    pass
+
+
 @dataclass(frozen=True)
 class NiftiHeader:
     dims: tuple[int, ...]
@@ -81,9 +85,10 @@ def _stream(path: Path):
         raise
 
 
-def check_image_file(path: str | os.PathLike) -> None:
+def check_image_file(path: str | os.PathLike, max_voxels: int | None = None) -> None:
     """Raise :class:`FileCheckError` (naming the problem) for a damaged gzip stream, a NIfTI whose header declares
-    more voxels than the file holds, or NaN / inf voxels in a NIfTI; other files pass to SimpleITK as they are."""
+    more voxels than the file holds (or than ``max_voxels``: :class:`TooManyVoxels`, before the rest is
+    decompressed), or NaN / inf voxels in a NIfTI; other files pass to SimpleITK as they are."""
     p = Path(path)
     name = p.name.lower()
     is_nifti = name.endswith(".nii") or name.endswith(".nii.gz")
@@ -105,6 +110,9 @@ def check_image_file(path: str | os.PathLike) -> None:
             if header is None:
                 is_nifti = False
             else:
+                n = int(np.prod(header.dims, dtype=np.int64))
+                if max_voxels is not None and n > max_voxels:
+                    raise TooManyVoxels(f"the NIfTI header declares {n} voxels, more than the limit of {max_voxels}")
                 declared = header.vox_offset + header.data_bytes
                 if not gz and p.stat().st_size < declared:
                     raise FileCheckError(

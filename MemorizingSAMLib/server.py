@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - reported by create_app
     FastAPI = None
 
 from .capabilities import capabilities
-from .geometry import ImageError, check_file, image_from_array, validate_image
+from .geometry import ImageError, ImageTooLarge, check_file, image_from_array, validate_image
 from .paste import Region
 from .session import InteractiveSession, Prompt, PromptError, SessionOptions
 
@@ -142,7 +142,7 @@ def _npz_member(z: zipfile.ZipFile, name: str, max_voxels: int | None = None) ->
             raise ImageError(f"'{name}' has dtype {dtype}; send integers, float32 or float64")
         n = int(np.prod(shape, dtype=np.int64))
         if max_voxels is not None and n > max_voxels:
-            raise VolumeTooLarge(f"{n} voxels exceed the limit of {max_voxels}")
+            raise ImageTooLarge(f"{n} voxels exceed the limit of {max_voxels}")
         data = f.read(n * dtype.itemsize + 1)
     if len(data) != n * dtype.itemsize:
         raise ImageError(f"'{name}' holds {len(data)} bytes for a {shape} {dtype} array")
@@ -156,15 +156,11 @@ def _vector(z: zipfile.ZipFile, name: str, n: int) -> tuple[float, ...]:
     return tuple(float(x) for x in v)
 
 
-class VolumeTooLarge(ImageError):
-    pass
-
-
 def read_volume(body: bytes, fmt: str, max_voxels: int | None = None, tmp_dir: str | None = None) -> sitk.Image:
     """A volume from uploaded bytes: a NIfTI/NRRD/MHA file, or an .npz with array, spacing, origin, direction.
 
     Everything is checked before the voxels are decoded: dtypes and shapes (npz headers), the voxel count the
-    file declares (``max_voxels``, VolumeTooLarge), damaged gzip data, NaN / inf voxels; then the geometry."""
+    file declares (``max_voxels``, ImageTooLarge), damaged gzip data, NaN / inf voxels; then the geometry."""
     if fmt == "npz":
         try:
             with zipfile.ZipFile(io.BytesIO(body)) as z:
@@ -188,7 +184,7 @@ def read_volume(body: bytes, fmt: str, max_voxels: int | None = None, tmp_dir: s
     with tempfile.NamedTemporaryFile(suffix=suffix, dir=tmp_dir) as f:
         f.write(body)
         f.flush()
-        check_file(f.name)
+        check_file(f.name, max_voxels)
         reader = sitk.ImageFileReader()
         reader.SetFileName(f.name)
         try:
@@ -197,7 +193,7 @@ def read_volume(body: bytes, fmt: str, max_voxels: int | None = None, tmp_dir: s
             raise ImageError(f"the uploaded bytes are not a readable {fmt} image") from None
         n = int(np.prod(reader.GetSize(), dtype=np.int64))
         if max_voxels is not None and n > max_voxels:
-            raise VolumeTooLarge(f"{n} voxels exceed the limit of {max_voxels}")
+            raise ImageTooLarge(f"{n} voxels exceed the limit of {max_voxels}")
         try:
             img = reader.Execute()
         except RuntimeError:
@@ -360,7 +356,7 @@ def create_app(
         try:
             # Decoding is CPU work: off the event loop, so /health and the other sessions' requests go on.
             img = await run_in_threadpool(read_volume, bytes(body), format, limits.max_voxels, tmp_dir)
-        except VolumeTooLarge as e:
+        except ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None
         except (ImageError, KeyError, ValueError, OSError) as e:
             raise HTTPException(400, f"cannot read the volume: {e}") from None

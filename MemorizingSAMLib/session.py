@@ -398,7 +398,7 @@ class InteractiveSession:
         a, b = self._checked_point(ijk_min), self._checked_point(ijk_max)
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         if np.any(hi - lo < 1e-6):
-            raise PromptError(f"the box {tuple(lo)}-{tuple(hi)} has zero size along an axis")
+            raise PromptError(f"the box {_ijk_text(lo)}-{_ijk_text(hi)} has zero size along an axis")
         return self._apply(seg, seg.state.placed + (Prompt(tuple(lo), True, tuple(hi)),))
 
     def set_prompts(self, prompts: list[Prompt], segment: int | None = None) -> Region | None:
@@ -416,7 +416,8 @@ class InteractiveSession:
             if p.box_hi is not None:
                 self._checked_point(p.box_hi)
                 if np.any(np.asarray(p.box_hi) - np.asarray(p.ijk) < 1e-6):
-                    raise PromptError(f"the box {p.ijk}-{p.box_hi} needs its low corner first and a non-zero size")
+                    box = f"{_ijk_text(p.ijk)}-{_ijk_text(p.box_hi)}"
+                    raise PromptError(f"the box {box} needs its low corner first and a non-zero size")
         if not prompts:
             return self.reset(seg.id) if seg.state.placed else None
         if prompts == seg.state.placed:
@@ -429,9 +430,7 @@ class InteractiveSession:
         if p.shape != (3,) or not np.all(np.isfinite(p)):
             raise PromptError(f"a point needs three finite voxel indices (i, j, k), got {ijk!r}")
         if not geom.contains_ijk(p):
-            raise PromptError(
-                f"point (i, j, k) = {tuple(float(v) for v in p)} lies outside the image of size {geom.size}"
-            )
+            raise PromptError(f"point (i, j, k) = {_ijk_text(p)} lies outside the image of size {geom.size}")
         return p
 
     # ----------------------------------------------------------------------------------------- computation
@@ -684,6 +683,11 @@ class InteractiveSession:
         img = sitk.GetImageFromArray(self.labelmap(priority))
         img.CopyInformation(self.image)
         write_image(img, path)
+
+
+def _ijk_text(v) -> str:
+    """(1.5, 2, 3) as a person reads it (numpy scalars print as np.float64(1.5))."""
+    return "(" + ", ".join(f"{float(x):g}" for x in v) + ")"
 
 
 def _bounding(edits: list[MaskEdit]) -> Region | None:

@@ -180,3 +180,17 @@ def test_not_a_zip(tmp_path):
     with pytest.raises(CheckpointError):
         load_model(path)
     assert not zipfile.is_zipfile(path)
+
+
+def test_a_stored_config_that_does_not_fit_its_weights_is_refused_before_building(tmp_path):
+    """A file whose stored config says depth 10^6 used to be built (for minutes) before its keys were checked."""
+    import time
+
+    path = save_checkpoint(build_sam3d("memsam_tiny_student"), tmp_path / "m.pt")
+    obj = torch.load(path, weights_only=False)
+    obj["config"]["encoder"]["depth"] = 10**6
+    torch.save(obj, tmp_path / "deep.pt")
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError, match="encoder depth 1000000, the weights have"):
+        load_model(tmp_path / "deep.pt")
+    assert time.perf_counter() - t < 10

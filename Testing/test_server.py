@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,3 +385,38 @@ def test_client_never_resends_what_the_server_may_have_applied():
     gone = RemoteSession(f"http://127.0.0.1:{port}", TOKEN, timeout=3)
     with pytest.raises(RemoteError, match="no answer from"):
         gone.info()
+
+
+def test_a_compressed_upload_declaring_too_many_voxels_is_refused_before_decoding(server, tmp_path):
+    """A 0.9 MB .nii.gz of zeros that expands to 1.1 GB used to be decoded first (3 GB RSS, /health blocked):
+    the header's voxel count is checked against the server's limit before the rest is decompressed."""
+    import gzip
+
+    small = tmp_path / "small.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.uint8)), str(small))
+    head = bytearray(small.read_bytes()[:352])
+    head[42:48] = np.array([1100, 1024, 1024], "<i2").tobytes()  # 1.15 G uint8 voxels, over the 1024^3 limit
+    body = gzip.compress(bytes(head) + b"\0" * (1 << 20))  # the first MB of those zeros is enough to tell
+    assert len(body) < 2**20
+    t = time.perf_counter()
+    status, reply = raw(server, "POST", "/sessions?format=nii.gz", body, ctype="application/octet-stream")
+    assert status == 413 and "more than the limit" in reply["detail"], reply
+    assert time.perf_counter() - t < 5
+
+
+def test_uploads_left_by_a_killed_server_are_removed(ckpt, token_file):
+    import tempfile
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(tempfile.gettempdir()) / f"memsam-serve-{dead.pid}-abc"
+    stale.mkdir(exist_ok=True)
+    (stale / "tmp123.nii.gz").write_bytes(b"x" * 1000)
+    proc, url = start_server(ckpt, token_file)
+    try:
+        assert not stale.exists()
+        mine = [p for p in Path(tempfile.gettempdir()).glob(f"memsam-serve-{proc.pid}-*")]
+        assert len(mine) == 1 and not any(mine[0].iterdir())
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -505,3 +505,12 @@ def test_kept_states_are_bounded_and_older_changes_replay_from_the_newest_kept(s
     assert np.array_equal(s.mask(seg), s.mask(fresh))
     s.set_prompts(moved[:-1] + [Prompt((50, 61, 20), True, tag="y")], seg)
     assert s.last_timing["decodes"] == 1
+
+
+def test_prompt_errors_print_plain_numbers(session):
+    session.add_segment()
+    with pytest.raises(PromptError) as e:
+        session.add_box(np.array([5.0, 5, 5]), np.array([5.0, 9, 9]))
+    assert str(e.value) == "the box (5, 5, 5)-(5, 9, 9) has zero size along an axis"
+    with pytest.raises(PromptError, match=r"point \(i, j, k\) = \(500, 1, 1\) lies outside"):
+        session.add_point(np.array([500.0, 1, 1]))
