@@ -458,6 +458,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout,
         undo_bytes_per_segment=int(args.max_undo_mb * 2**20),
+        header_timeout_s=args.header_timeout,
     )
     print(f"serving {model.cfg.name} on {device} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     serve(model, args.host, args.port, memory, token, limits, worker)
@@ -604,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds before an unused session is dropped")
     p.add_argument(
         "--max-undo-mb", type=float, default=64.0, help="undo history per segment (oldest steps dropped beyond it)"
+    )
+    p.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds a request's headers may take to arrive (default 10)"
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument(

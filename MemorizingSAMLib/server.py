@@ -22,6 +22,7 @@ gets a 4xx naming the problem and the server keeps serving. One model, one model
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
@@ -75,6 +76,9 @@ class ServerLimits:
     max_json_bytes: int = 2**20  # a request body other than an upload
     max_prompts_per_request: int = 256  # set_prompts: each new prompt is a decode on the shared model thread
     max_prompts_per_segment: int = 2048
+    header_timeout_s: float = 10.0  # request line and headers must arrive within this
+    body_timeout_s: float = 300.0  # an upload must arrive within this
+    max_connections: int = 256  # beyond: 503 at once (uvicorn's limit_concurrency)
     max_sessions: int = 16
     idle_timeout_s: float = 3600.0
     cache_bytes_per_session: int = 256 * 2**20
@@ -343,12 +347,20 @@ def create_app(
     async def create(request: Request, format: str = "nii.gz"):
         body = bytearray()
         received = 0
-        async for chunk in request.stream():  # no content-length (chunked): counted as it arrives
-            received += len(chunk)
-            if received > limits.max_upload_bytes + DRAIN_MAX_BYTES:
-                break
-            if received <= limits.max_upload_bytes:
-                body += chunk
+
+        async def read() -> None:
+            nonlocal received
+            async for chunk in request.stream():  # no content-length (chunked): counted as it arrives
+                received += len(chunk)
+                if received > limits.max_upload_bytes + DRAIN_MAX_BYTES:
+                    break
+                if received <= limits.max_upload_bytes:
+                    body.extend(chunk)
+
+        try:
+            await asyncio.wait_for(read(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the upload did not arrive within {limits.body_timeout_s:g} s") from None
         if received > limits.max_upload_bytes:
             raise HTTPException(413, f"upload exceeds the limit of {limits.max_upload_bytes} bytes")
         if not body:
@@ -360,7 +372,7 @@ def create_app(
             raise HTTPException(413, str(e)) from None
         except (ImageError, KeyError, ValueError, OSError) as e:
             raise HTTPException(400, f"cannot read the volume: {e}") from None
-        del body
+        body.clear()  # the upload is decoded: its bytes go before the session is made
         from .embedding_cache import EmbeddingCache
 
         session = InteractiveSession(
@@ -467,4 +479,56 @@ def serve(
 ) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, memory, token, limits, worker), host=host, port=port, log_level="warning")
+    limits = limits or ServerLimits()
+    uvicorn.run(
+        create_app(model, memory, token, limits, worker),
+        host=host,
+        port=port,
+        log_level="warning",
+        http=header_timeout_protocol(limits.header_timeout_s),
+        limit_concurrency=limits.max_connections,
+    )
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not arrived ``seconds``
+    after it opened or after its last response (uvicorn waits for them forever: 300 slow-loris connections
+    stayed open). Idle keep-alive connections are closed by uvicorn itself."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch = None
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._watch is None:
+                self._watch = self.loop.call_later(seconds, self._expire, self.cycle)
+
+        def _expire(self, cycle) -> None:
+            self._watch = None
+            if self.cycle is cycle and not self.transport.is_closing():  # no request began since it was armed
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            between = self.cycle is None or self.cycle.response_complete
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                if self._watch is not None:
+                    self._watch.cancel()
+                    self._watch = None
+            elif between:
+                self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11

@@ -420,3 +420,30 @@ def test_uploads_left_by_a_killed_server_are_removed(ckpt, token_file):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_slow_headers_are_cut_off_and_normal_clients_are_not(ckpt, token_file):
+    """300 slow-loris connections used to stay open for good: a connection whose headers do not arrive within the
+    header timeout is closed; a client that takes its time between requests is only closed when idle."""
+    proc, url = start_server(ckpt, token_file, "--header-timeout", "1")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        slow = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+            s.settimeout(10)
+            slow.append(s)
+        t = time.perf_counter()
+        for s in slow:
+            assert s.recv(100) == b""  # closed by the server
+            s.close()
+        assert time.perf_counter() - t < 8
+        r = RemoteSession(url, TOKEN)
+        assert r.info()["limits"]["header_timeout_s"] == 1.0
+        time.sleep(0.5)
+        assert r.info()["model"]  # the same kept-alive connection, its next request in time
+        r.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
