@@ -12,24 +12,28 @@ import vtk
 from . import markups, mrml
 
 
-def place_point(node, world_ras, view_id: str = "vtkMRMLSliceNodeRed") -> int:
-    """A click in place mode, as Slicer's markups widget makes it: a preview point at the mouse, then defined."""
-    display = node.GetDisplayNode()
+def _preview(node, world_ras, view_id: str) -> int:
+    """A preview point at ``world_ras`` (the mouse in place mode), added through the markups display node."""
     event = slicer.vtkMRMLInteractionEventData()
     event.SetWorldPosition([float(v) for v in world_ras[:3]])
-    orientation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-    index = display.UpdateActiveControlPointWorld(-1, event, orientation, view_id, "", node.PositionPreview)
-    return display.UpdateActiveControlPointWorld(index, event, orientation, view_id, "", node.PositionDefined)
+    return node.GetDisplayNode().UpdateActiveControlPointWorld(-1, event, _IDENTITY, view_id, "", node.PositionPreview)
+
+
+_IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def place_point(node, world_ras, view_id: str = "vtkMRMLSliceNodeRed") -> int:
+    """A click in place mode, as Slicer's markups widget makes it: a preview point at the mouse, then defined."""
+    index = _preview(node, world_ras, view_id)
+    event = slicer.vtkMRMLInteractionEventData()
+    event.SetWorldPosition([float(v) for v in world_ras[:3]])
+    display = node.GetDisplayNode()
+    return display.UpdateActiveControlPointWorld(index, event, _IDENTITY, view_id, "", node.PositionDefined)
 
 
 def hover_then_leave(node, world_ras, view_id: str = "vtkMRMLSliceNodeRed") -> None:
     """The mouse over a view in place mode, then out of it: a preview point appears and is removed."""
-    display = node.GetDisplayNode()
-    event = slicer.vtkMRMLInteractionEventData()
-    event.SetWorldPosition([float(v) for v in world_ras[:3]])
-    orientation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-    index = display.UpdateActiveControlPointWorld(-1, event, orientation, view_id, "", node.PositionPreview)
-    node.RemoveNthControlPoint(index)
+    node.RemoveNthControlPoint(_preview(node, world_ras, view_id))
 
 
 def place_box(roi_node, corner_a, corner_b, view_id: str = "vtkMRMLSliceNodeRed") -> None:
