@@ -481,13 +481,49 @@ def serve(
 
     limits = limits or ServerLimits()
     uvicorn.run(
-        create_app(model, memory, token, limits, worker),
+        BodyLimit(create_app(model, memory, token, limits, worker), limits.max_json_bytes),
         host=host,
         port=port,
         log_level="warning",
         http=header_timeout_protocol(limits.header_timeout_s),
         limit_concurrency=limits.max_connections,
     )
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body other than an upload (``POST /sessions``) larger than ``limit`` bytes gets a
+    413, also when it comes chunked without a Content-Length (the app is told the client left, and its answer
+    is replaced)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] == "/sessions"):
+            await self.app(scope, receive, send)
+            return
+        total, over = 0, False
+
+        async def limited():
+            nonlocal total, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.limit:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message) -> None:
+            if not over:
+                await send(message)
+
+        await self.app(scope, limited, guarded_send)
+        if over:
+            reply = JSONResponse({"detail": f"request body exceeds the limit of {self.limit} bytes"}, status_code=413)
+            await reply(scope, receive, send)
 
 
 def header_timeout_protocol(seconds: float):

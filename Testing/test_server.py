@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -447,3 +448,50 @@ def test_slow_headers_are_cut_off_and_normal_clients_are_not(ckpt, token_file):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_chunked_json_bodies_are_bounded_too(server):
+    r = RemoteSession(server, TOKEN)
+    r.set_image(volume(), spacing=SPACING)
+    seg = r.add_segment()
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = (b'{"ijk": [1, 1, 1], "pad": "' if i == 0 else b"x" * 2**16 for i in range(64))  # 4 MB, no length
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    conn.request("POST", f"/sessions/{r.sid}/segments/{seg}/points", body=chunks, headers=headers, encode_chunked=True)
+    reply = conn.getresponse()
+    assert reply.status == 413 and "limit" in json.loads(reply.read())["detail"]
+    conn.close()
+    assert r.info()["sessions"] >= 1 and r.placed(seg) == ()
+
+
+def test_health_answers_while_an_upload_is_decoded(server):
+    """Decoding runs off the event loop: /health answered in 6.1 s while one upload was decoded."""
+    import gzip
+
+    arr = np.zeros((800, 512, 512), np.uint8)  # 210 MB of voxels in a ~200 KB upload
+    arr[100:300, 100:300, 100:300] = 7
+    img = sitk.GetImageFromArray(arr)
+    path = Path(tempfile.mkdtemp()) / "big.nii"
+    sitk.WriteImage(img, str(path))
+    body = gzip.compress(path.read_bytes(), 6)
+    path.unlink()
+    assert len(body) < 2**20
+    done = {}
+
+    def upload():
+        t = time.perf_counter()
+        done["status"] = raw(server, "POST", "/sessions?format=nii.gz", body, ctype="application/octet-stream")[0]
+        done["s"] = time.perf_counter() - t
+
+    t = threading.Thread(target=upload)
+    t.start()
+    waits = []
+    while t.is_alive():
+        t0 = time.perf_counter()
+        raw(server, "GET", "/health", None)
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    t.join()
+    assert done["status"] == 200 and done["s"] > 0.5, done
+    assert len(waits) >= 3 and max(waits) < 0.5 * done["s"], (max(waits), done)
