@@ -244,7 +244,7 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluation.baseline import RegionGrowingSegmenter
+    from .evaluation.baseline import RandomWalkerSegmenter, RegionGrowingSegmenter
     from .evaluation.plots import dice_curve, montage
     from .evaluation.runner import EvalConfig, SessionSegmenter, evaluate
     from .fileio import atomic_text
@@ -269,7 +269,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             memory = MemoryBank.load(args.memory, model)
         methods.append(SessionSegmenter(model, memory=memory, legacy=args.legacy, product_dtype=args.product_dtype))
     if args.baseline or not args.model:
-        methods.append(RegionGrowingSegmenter())
+        methods += [RegionGrowingSegmenter(), RandomWalkerSegmenter()]
     reports = []
     for seg in methods:
         print(f"evaluating {seg.name} ({'legacy' if args.legacy else 'our'} protocol, {args.clicks} clicks)")
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", help="comma list of sources to use (default: all in the dataset)")
     p.add_argument("--max-targets", type=int, help="at most this many structures per case")
     p.add_argument("--memory", help="memory bank for the model")
-    p.add_argument("--baseline", action="store_true", help="also run the SimpleITK region-growing baseline")
+    p.add_argument("--baseline", action="store_true", help="also run the classic baselines: SimpleITK region growing, scikit-image random walker")
     p.add_argument("--legacy", action="store_true", help="the published protocol (see above)")
     p.add_argument(
         "--product-dtype",

@@ -520,7 +520,11 @@ class BodyLimit:
             if not over:
                 await send(message)
 
-        await self.app(scope, limited, guarded_send)
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not over:
+                raise  # (over the limit, the app fails on the disconnect it was told of: its error is not the answer)
         if over:
             reply = JSONResponse({"detail": f"request body exceeds the limit of {self.limit} bytes"}, status_code=413)
             await reply(scope, receive, send)

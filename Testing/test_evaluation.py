@@ -8,7 +8,7 @@ import torch
 
 from MemorizingSAMLib.checkpoints import save_checkpoint
 from MemorizingSAMLib.datasets import prepare_dataset
-from MemorizingSAMLib.evaluation.baseline import RegionGrowingSegmenter
+from MemorizingSAMLib.evaluation.baseline import RandomWalkerSegmenter, RegionGrowingSegmenter
 from MemorizingSAMLib.evaluation.clicks import first_click, next_click
 from MemorizingSAMLib.evaluation.metrics import auc, dice, noc
 from MemorizingSAMLib.evaluation.runner import EvalConfig, SessionSegmenter, evaluate, strip_timings
@@ -135,3 +135,19 @@ def test_evaluate_cli_end_to_end(phantom_data, tiny_ckpt, tmp_path, memsam):
     assert rep["overall"]["targets"] == 2 and (out / "dice_vs_clicks.png").read_bytes()[:4] == b"\x89PNG"
     r = memsam("evaluate", "--data", tmp_path / "none")
     assert r.returncode == 1 and "dataset.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_random_walker_baseline_follows_the_clicks():
+    """The second classic baseline: include clicks grow a bright ball's segment, an exclude click in a touching
+    ball keeps that one out; through the same interface as the model."""
+    import SimpleITK as sitk
+
+    a, b = ball((30, 30, 20), 9), ball((47, 30, 20), 7)
+    vol = np.where(a, 400.0, np.where(b, 380.0, 100.0)) + np.random.default_rng(0).normal(0, 10, SHAPE)
+    rw = RandomWalkerSegmenter()
+    rw.set_image(sitk.GetImageFromArray(vol.astype(np.float32)))
+    rw.new_target()
+    m = rw.click((30, 30, 20), True).astype(bool)
+    assert dice(m, a) > 0.7, dice(m, a)
+    m = rw.click((47, 30, 20), False).astype(bool)
+    assert dice(m, a) > 0.8 and not m[20, 30, 47] and rw.last_latency_ms > 0
