@@ -638,7 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", help="comma list of sources to use (default: all in the dataset)")
     p.add_argument("--max-targets", type=int, help="at most this many structures per case")
     p.add_argument("--memory", help="memory bank for the model")
-    p.add_argument("--baseline", action="store_true", help="also run the classic baselines: SimpleITK region growing, scikit-image random walker")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the classic baselines: SimpleITK region growing, scikit-image random walker",
+    )
     p.add_argument("--legacy", action="store_true", help="the published protocol (see above)")
     p.add_argument(
         "--product-dtype",
