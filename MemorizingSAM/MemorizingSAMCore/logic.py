@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,7 +163,7 @@ class SegmentationLogic(VTKObservationMixin):
             def make():
                 return InteractiveSession(model, memory=memory)
 
-            with_bank = f", memory bank {bank_path.name if hasattr(bank_path, 'name') else bank_path}" if memory else ""
+            with_bank = f", memory bank {Path(bank_path).name}" if memory else ""
             return make, f"{model.cfg.name} on {choice.device}{with_bank}"
 
         def loaded(result):
