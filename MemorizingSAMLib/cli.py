@@ -293,11 +293,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_data(args: argparse.Namespace):
+    """The train split of --data, mixed with generated cases when --procedural / --synthetic ask for them."""
+    from .training.data import TrainingData
+
+    real = TrainingData(args.data, split=args.split)
+    if not (args.procedural or args.synthetic):
+        return real
+    from .training.mixed import MixConfig, MixedTrainingData
+
+    return MixedTrainingData(real, MixConfig(p_procedural=args.procedural, p_synthetic=args.synthetic, seed=args.seed))
+
+
+def _add_mix_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--procedural",
+        type=float,
+        default=0.0,
+        help="share of samples from procedural volumes (training/procedural.py)",
+    )
+    p.add_argument(
+        "--synthetic",
+        type=float,
+        default=0.0,
+        help="share of samples painted from the train label maps in new contrasts",
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .modeling import build_sam3d
-    from .training.data import TrainingData
     from .training.loop import TrainConfig, train
 
     torch.manual_seed(args.seed)
@@ -307,7 +333,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model = load_model(args.init, config=args.config)
     else:
         model = build_sam3d(args.config)
-    data = TrainingData(args.data, split=args.split)
+    data = _training_data(args)
     print(
         f"training {model.cfg.name} ({model.count_parameters():,} parameters) on {len(data)} targets", file=sys.stderr
     )
@@ -319,6 +345,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
+        keep_every=args.keep_every,
     )
     ck = train(model, data, args.out, cfg, device=args.device, resume=not args.no_resume)
     print(f"wrote {ck}")
@@ -330,7 +357,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     from .checkpoints import load_model, save_checkpoint
     from .modeling import build_sam3d
-    from .training.data import TrainingData
     from .training.distill import DistillConfig, distill_encoder, init_student_from_teacher
     from .training.loop import TrainConfig, train
 
@@ -338,7 +364,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     teacher = load_model(args.teacher)
     student = build_sam3d(args.student_config)
     init_student_from_teacher(student, teacher)
-    data = TrainingData(args.data, split=args.split)
+    data = _training_data(args)
     print(
         f"distilling {teacher.cfg.name} -> {student.cfg.name} ({student.count_parameters():,} parameters)",
         file=sys.stderr,
@@ -379,13 +405,12 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
     from .checkpoints import load_model, save_checkpoint
     from .memory_bank import _progress
     from .modeling.config import get_config
-    from .training.data import TrainingData
     from .training.loop import TrainConfig
     from .training.memory_finetune import memory_finetune
 
     torch.manual_seed(args.seed)
     model = load_model(args.model, dtype=torch.float32)
-    data = TrainingData(args.data, split=args.split)
+    data = _training_data(args)
     sources = [s for s in args.sources.split(",") if s] if args.sources else None
     cfg = TrainConfig(
         steps=args.steps,
@@ -539,9 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--keep-every", type=int, default=0, help="also keep fp16 weights every N steps (curves)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="run folder")
+    _add_mix_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -564,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store the student's weights in fp16")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="run folder")
+    _add_mix_options(p)
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser(
@@ -591,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="run folder")
+    _add_mix_options(p)
     p.set_defaults(func=_cmd_finetune_memory)
 
     p = sub.add_parser("serve", help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)")

@@ -59,6 +59,21 @@ class EncoderConfig:
     memory_prior_embedding: bool = False
     # How memory entries are retrieved (modeling/memory_attention.py lists the kinds).
     memory_descriptor: str = "token_mean_std_random_projection"
+    # High-resolution image features for the mask head (our trained models only, as HQ-SAM and SAM 2 feed early
+    # features to theirs): a small convolutional stem maps the crop to out_chans/8 channels on the low-res logit
+    # grid (4G^3), which enter the decoder's second upscaling before its GELU, so that masks can follow image edges
+    # inside a token. They travel packed behind the embedding's out_chans channels (see hires.py).
+    hires_features: bool = False
+
+    @property
+    def hires_channels(self) -> int:
+        """Channels of the high-resolution features (0 without them)."""
+        return self.out_chans // 8 if self.hires_features else 0
+
+    @property
+    def embedding_channels(self) -> int:
+        """Channels of what :meth:`ImageEncoder3D.forward` returns: out_chans, plus 64 per high-res channel."""
+        return self.out_chans + 64 * self.hires_channels
 
     @property
     def grid(self) -> int:
@@ -91,6 +106,11 @@ class EncoderConfig:
                 raise ValueError("the grouped sparse backend needs use_rel_pos=False and window_size=0")
             if self.grid % self.sparse_group:
                 raise ValueError(f"grid {self.grid} is not divisible by sparse_group {self.sparse_group}")
+        if self.hires_features and (self.patch_size % 4 or self.out_chans % 8):
+            raise ValueError(
+                f"hires_features needs patch_size divisible by 4 and out_chans by 8, got {self.patch_size} and "
+                f"{self.out_chans}"
+            )
 
 
 @dataclass(frozen=True)
@@ -258,6 +278,28 @@ def memsam_tiny_memory() -> Sam3DConfig:
     return Sam3DConfig(**{**base.__dict__, "name": "memsam_tiny_memory", "encoder": enc})
 
 
+def memsam_hq_teacher() -> Sam3DConfig:
+    """:func:`memsam_small_teacher` with high-resolution image features in the mask head (hires.py)."""
+    t = memsam_small_teacher()
+    enc = EncoderConfig(**{**asdict(t.encoder), "hires_features": True})
+    return Sam3DConfig(**{**t.__dict__, "name": "memsam_hq_teacher", "encoder": enc})
+
+
+def memsam_hq_student() -> Sam3DConfig:
+    """:func:`memsam_tiny_student` with the high-resolution mask-head features, distilled from
+    :func:`memsam_hq_teacher`."""
+    s = memsam_tiny_student()
+    enc = EncoderConfig(**{**asdict(s.encoder), "hires_features": True})
+    return Sam3DConfig(**{**s.__dict__, "name": "memsam_hq_student", "encoder": enc})
+
+
+def memsam_hq_memory() -> Sam3DConfig:
+    """:func:`memsam_tiny_memory` with the high-resolution mask-head features: the shipped default's config."""
+    m = memsam_tiny_memory()
+    enc = EncoderConfig(**{**asdict(m.encoder), "hires_features": True})
+    return Sam3DConfig(**{**m.__dict__, "name": "memsam_hq_memory", "encoder": enc})
+
+
 CONFIGS = {
     "sam_med3d_vit_b": sam_med3d_vit_b,
     "fastsam3d": fastsam3d,
@@ -265,6 +307,9 @@ CONFIGS = {
     "memsam_tiny_student": memsam_tiny_student,
     "memsam_tiny_sparse": memsam_tiny_sparse,
     "memsam_tiny_memory": memsam_tiny_memory,
+    "memsam_hq_teacher": memsam_hq_teacher,
+    "memsam_hq_student": memsam_hq_student,
+    "memsam_hq_memory": memsam_hq_memory,
 }
 
 

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hires
 from .attention import Attention3D
 from .config import EncoderConfig
+from .hires import HiresStem
 from .memory_attention import MemoryProvider, RetrievedMemory, memory_descriptor
 from .ops import LayerNorm3d, MLPBlock, conv_stride_eq_kernel, patchify
 from .packed_linear import linear, pack_weight
@@ -89,6 +91,8 @@ class ImageEncoder3D(nn.Module):
         if cfg.memory_prior_embedding:
             # u of the memory prior route (see config.EncoderConfig.memory_prior_embedding).
             self.memory_prior_vec = nn.Parameter(torch.zeros(cfg.out_chans))
+        if cfg.hires_features:
+            self.hires_stem = HiresStem(cfg.patch_size // 4, cfg.hires_channels)
         self.neck = nn.ModuleList(
             [
                 nn.Conv3d(cfg.embed_dim, cfg.out_chans, kernel_size=1, bias=False),
@@ -131,7 +135,8 @@ class ImageEncoder3D(nn.Module):
         return k, v, memory_descriptor(t, self.cfg.memory_descriptor)
 
     def forward(self, x: torch.Tensor, return_block_outputs: bool = False, memory: MemoryProvider | None = None):
-        """Image embedding (B, out_chans, G, G, G); with ``return_block_outputs`` also the list of every block's
+        """Image embedding (B, out_chans, G, G, G), with high-res features (B, out_chans + 64 out_chans/8, G, G, G;
+        see hires.py); with ``return_block_outputs`` also the list of every block's
         channel-last output (B, G, G, G, C), which distillation and the compat checks use. With ``memory``, block
         ``memory.layer`` also attends over what the provider retrieves for the tokens entering it."""
         t = self.embed(x)
@@ -146,6 +151,8 @@ class ImageEncoder3D(nn.Module):
         emb = self.apply_neck(t)
         if hasattr(self, "memory_prior_vec") and retrieved is not None and retrieved.active:
             emb = emb + self.memory_prior(retrieved, emb.shape[-1])
+        if self.cfg.hires_features:
+            emb = torch.cat([emb, hires.pack(self.hires_stem(x), self.cfg.grid)], dim=1)
         return (emb, outs) if return_block_outputs else emb
 
     def memory_prior(self, memory: RetrievedMemory, g: int) -> torch.Tensor:

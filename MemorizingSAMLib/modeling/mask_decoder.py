@@ -8,6 +8,7 @@ are evaluated; the upscaling runs as matrix products (see upscale_to_masks).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import MaskDecoderConfig
@@ -44,7 +45,12 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
 
     def upscale_to_masks(
-        self, image_tokens: torch.Tensor, hyper: torch.Tensor, g: int, compute_dtype: torch.dtype | None = None
+        self,
+        image_tokens: torch.Tensor,
+        hyper: torch.Tensor,
+        g: int,
+        compute_dtype: torch.dtype | None = None,
+        hires_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Upscale (B, G^3, C) image tokens twice (ConvTranspose k2 s2, LN3d, GELU, ConvTranspose k2 s2, GELU) and
         contract with the hypernetwork outputs (B, M, C/8) -> low-res logits (B, M, 4G, 4G, 4G).
@@ -56,6 +62,9 @@ class MaskDecoder3D(nn.Module):
         ``compute_dtype`` (e.g. torch.bfloat16): the two transposed-convolution products in that dtype (fp32
         accumulation in oneDNN; LayerNorm, GELU and the hypernetwork product stay in the tokens' dtype); None:
         everything in the tokens' dtype. See ``Sam3D.decode(product_dtype=...)``.
+
+        ``hires_rows`` (B or 1, 64 G^3, C/8): high-resolution image features in the same row order (hires.py),
+        added to the second transposed convolution's output before its GELU.
         """
         up1, ln, act1, up2, _ = self.output_upscaling
         b, c = image_tokens.shape[0], image_tokens.shape[-1]
@@ -73,10 +82,13 @@ class MaskDecoder3D(nn.Module):
         m = hyper.shape[1]
         if torch.is_grad_enabled() or x.device.type != "cpu":
             # The GELU after the second transposed convolution is fused into the product on the packed path.
-            y = linear(x, up2, w2, bias2, gelu=True).view(b, -1, c8).to(dtype)
+            if hires_rows is None:
+                y = linear(x, up2, w2, bias2, gelu=True).view(b, -1, c8).to(dtype)
+            else:
+                y = F.gelu(linear(x, up2, w2, bias2).view(b, -1, c8).to(dtype) + hires_rows.to(dtype))
             masks = torch.bmm(hyper, y.transpose(1, 2))  # (B, M, G^3 * 64), rows (d, h, w, i1, j1, k1, i2, j2, k2)
         else:
-            masks = self._second_upscaling_chunked(x.view(b, -1, c4), hyper, bias2).transpose(1, 2)
+            masks = self._second_upscaling_chunked(x.view(b, -1, c4), hyper, bias2, hires_rows).transpose(1, 2)
         return torch.take(masks, self._scatter_index(b, m, g, masks.device)).view(b, m, 4 * g, 4 * g, 4 * g)
 
     # Rows of the second product per chunk: its (rows * 8, C/8) output (1.5 MB at 1024 rows) is contracted with the
@@ -84,7 +96,9 @@ class MaskDecoder3D(nn.Module):
     # allocating it every click (A/B in the click loop: -1.0 and -0.9 ms per decode in two runs, +0.2 in a third).
     UPSCALE_CHUNK_ROWS = 1024
 
-    def _second_upscaling_chunked(self, x: torch.Tensor, hyper: torch.Tensor, bias2: torch.Tensor) -> torch.Tensor:
+    def _second_upscaling_chunked(
+        self, x: torch.Tensor, hyper: torch.Tensor, bias2: torch.Tensor, hires_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Second transposed convolution + GELU + hypernetwork product, chunk by chunk (inference on CPU only:
         it writes into a preallocated output). x (B, 8 G^3, C/4) in the compute dtype, hyper (B, M, C/8) ->
         (B, 64 G^3, M) in hyper's dtype."""
@@ -97,8 +111,11 @@ class MaskDecoder3D(nn.Module):
             h_t = hyper[i].t()
             for r0 in range(0, n, step):
                 r1 = min(n, r0 + step)
-                y = linear(x[i, r0:r1], up2, lambda: _as_linear_weight(up2), bias2, gelu=True)
-                torch.mm(y.view(-1, c8).to(h_t.dtype), h_t, out=out[i, r0 * 8 : r1 * 8])
+                y = linear(x[i, r0:r1], up2, lambda: _as_linear_weight(up2), bias2, gelu=hires_rows is None)
+                y = y.view(-1, c8).to(h_t.dtype)
+                if hires_rows is not None:
+                    y = F.gelu(y + hires_rows[i if hires_rows.shape[0] > 1 else 0, r0 * 8 : r1 * 8].to(y.dtype))
+                torch.mm(y, h_t, out=out[i, r0 * 8 : r1 * 8])
         return out
 
     def _scatter_index(self, b: int, m: int, g: int, device: torch.device) -> torch.Tensor:
@@ -129,9 +146,11 @@ class MaskDecoder3D(nn.Module):
         multimask_output: bool,
         with_iou: bool = True,
         product_dtype: torch.dtype | None = None,
+        hires_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """image_embeddings (B or 1, C, G, G, G); returns low-res logits (B, M, 4G, 4G, 4G) and IoU (B, M), or None
-        with ``with_iou=False`` (the IoU token then skips the final attention and the IoU head).
+        """image_embeddings (B or 1, C, G, G, G), ``hires_rows`` see upscale_to_masks; returns low-res logits
+        (B, M, 4G, 4G, 4G) and IoU (B, M), or None with ``with_iou=False`` (the IoU token then skips the final
+        attention and the IoU head).
         ``product_dtype``: the products with the image tokens (two-way transformer, upscaling) in that dtype,
         see ``Sam3D.decode``."""
         b = sparse_prompt_embeddings.shape[0]
@@ -141,7 +160,7 @@ class MaskDecoder3D(nn.Module):
         # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
         src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
         pos = image_pe.flatten(2).transpose(1, 2).contiguous()
-        return self._run(src, pos, tokens, None, multimask_output, g, with_iou, product_dtype)
+        return self._run(src, pos, tokens, None, multimask_output, g, with_iou, product_dtype, hires_rows)
 
     def forward_prepared(
         self,
@@ -170,7 +189,7 @@ class MaskDecoder3D(nn.Module):
             heads(torch.baddbmm(prep.v0, z, prep.mv.expand(b, -1, -1))),
             heads(torch.baddbmm(prep.q0, z, prep.mq.expand(b, -1, -1))).transpose(2, 3),
         )
-        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou, product_dtype)
+        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou, product_dtype, prep.hires_rows)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """Decoder tokens (B, 1 + M + N, C): IoU token, mask tokens, then the sparse prompt embeddings."""
@@ -178,7 +197,16 @@ class MaskDecoder3D(nn.Module):
         return torch.cat([out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
 
     def _run(
-        self, src, pos, tokens, proj, multimask_output: bool, g: int, with_iou: bool = True, product_dtype=None
+        self,
+        src,
+        pos,
+        tokens,
+        proj,
+        multimask_output: bool,
+        g: int,
+        with_iou: bool = True,
+        product_dtype=None,
+        hires_rows=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         selected = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
         # Only the IoU token (if wanted) and the selected mask tokens are read after the transformer.
@@ -188,7 +216,7 @@ class MaskDecoder3D(nn.Module):
         hyper = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, first + j]) for j, i in enumerate(selected)], dim=1
         )
-        masks = self.upscale_to_masks(src, hyper, g, product_dtype)
+        masks = self.upscale_to_masks(src, hyper, g, product_dtype, hires_rows)
         if not with_iou:
             return masks, None
         iou = self.iou_prediction_head(hs[:, 0])

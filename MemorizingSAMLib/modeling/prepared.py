@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .hires import split_embedding
+
 
 @dataclass
 class PreparedEmbedding:
@@ -32,6 +34,7 @@ class PreparedEmbedding:
     mk: torch.Tensor  # (m, C_inner): Z -> key update
     mv: torch.Tensor
     mq: torch.Tensor
+    hires_rows: torch.Tensor | None = None  # (1, 64 G^3, C/8) high-res features (hires.py), or None
 
     @property
     def nbytes(self) -> int:
@@ -40,9 +43,11 @@ class PreparedEmbedding:
 
 @torch.no_grad()
 def prepare_embedding(model, embedding: torch.Tensor) -> PreparedEmbedding:
-    """Precompute for ``model`` (a Sam3D) and one embedding (1, C, G, G, G) from ``model.encode``."""
+    """Precompute for ``model`` (a Sam3D) and one embedding (1, C [+ high-res], G, G, G) from ``model.encode``."""
     if embedding.shape[0] != 1:
         raise ValueError(f"prepare one embedding at a time, got a batch of {embedding.shape[0]}")
+    full = embedding
+    embedding, hires_rows = split_embedding(full, model.cfg.encoder.out_chans)
     conv = model.prompt_encoder.mask_downscaling[-1]
     w3 = conv.weight.flatten(1)  # (C, m)
     b3 = conv.bias if conv.bias is not None else w3.new_zeros(w3.shape[0])
@@ -53,7 +58,7 @@ def prepare_embedding(model, embedding: torch.Tensor) -> PreparedEmbedding:
     eb = (e + b3).contiguous()
     ebp = eb + pos
     return PreparedEmbedding(
-        embedding=embedding,
+        embedding=full,
         tokens_b3=eb,
         pos=pos,
         w3_t=w3.t().contiguous(),
@@ -63,4 +68,5 @@ def prepare_embedding(model, embedding: torch.Tensor) -> PreparedEmbedding:
         mk=(t2i.k_proj.weight @ w3).t().contiguous(),
         mv=(t2i.v_proj.weight @ w3).t().contiguous(),
         mq=(i2t.q_proj.weight @ w3).t().contiguous(),
+        hires_rows=None if hires_rows is None else hires_rows.contiguous(),
     )

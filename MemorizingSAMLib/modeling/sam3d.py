@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import Sam3DConfig, get_config
+from .hires import split_embedding
 from .image_encoder import ImageEncoder3D
 from .mask_decoder import MaskDecoder3D
 from .prepared import PreparedEmbedding, prepare_embedding
@@ -29,7 +30,8 @@ class Sam3D(nn.Module):
         return 4 * self.cfg.encoder.grid
 
     def encode(self, volume: torch.Tensor, memory=None) -> torch.Tensor:
-        """Normalised model-space crop (B, 1, S, S, S) -> image embedding (B, C, G, G, G); ``memory`` (a
+        """Normalised model-space crop (B, 1, S, S, S) -> image embedding (B, C, G, G, G), or (B, C + 8 C, G, G, G)
+        with the high-res features of ``hires_features`` configs (hires.py); ``memory`` (a
         MemoryProvider, e.g. ``MemoryBank.provider()``) adds memory attention at its layer."""
         return self.image_encoder(volume, memory=memory)
 
@@ -72,9 +74,10 @@ class Sam3D(nn.Module):
                     image_embedding, sparse, z, multimask_output, iou, product_dtype
                 )
             image_embedding = image_embedding.embedding
+        image_embedding, hires_rows = split_embedding(image_embedding, self.cfg.encoder.out_chans)
         sparse, dense = self.prompt_encoder(pts, boxes, mask_input)
         pe = self.prompt_encoder.get_dense_pe()
-        return self.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, iou, product_dtype)
+        return self.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, iou, product_dtype, hires_rows)
 
     def prepare_embedding(self, image_embedding: torch.Tensor) -> PreparedEmbedding:
         """What every :meth:`decode` of this (1, C, G, G, G) embedding shares, computed once (see prepared.py);

@@ -96,7 +96,19 @@ class TrainingData:
 
     def crop(self, tgt: Target, rng: np.random.Generator, cfg: Sam3DConfig, aug: AugmentConfig = AugmentConfig()):
         """The augmented training crop of ``tgt``: see :meth:`sample`."""
-        img, lab = self.images[tgt.case], self.labels[tgt.case]
+        return self.crop_from(self.images[tgt.case], self.labels[tgt.case], tgt, rng, cfg, aug)
+
+    @staticmethod
+    def crop_from(
+        img: sitk.Image,
+        lab: sitk.Image,
+        tgt: Target,
+        rng: np.random.Generator,
+        cfg: Sam3DConfig,
+        aug: AugmentConfig = AugmentConfig(),
+    ):
+        """The augmented crop of ``tgt`` (voxels ``lab == tgt.value``) from ``img`` (float32) and ``lab`` (uint8)
+        on the same grid."""
         if rng.random() < aug.p_random_click:
             kji = tgt.voxels_kji[rng.integers(len(tgt.voxels_kji))]
         else:

@@ -27,6 +27,7 @@ from ..fileio import atomic_write
 from ..modeling.memory_attention import MemoryProvider
 from ..modeling.sam3d import Sam3D
 from .data import AugmentConfig, Target, TrainingData
+from .mixed import MixedTrainingData
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
+    # Also keep the weights every this many steps as {tag}_step{N}.pt (for held-out curves; 0: never).
+    keep_every: int = 0
     train_encoder: bool = True
     # With a memory (train(..., memory=...)): the share of samples encoded with memory attention active.
     p_memory: float = 0.5
@@ -105,7 +108,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 def train(
     model: Sam3D,
-    data: TrainingData,
+    data: TrainingData | MixedTrainingData,
     out_dir: str | Path,
     cfg: TrainConfig | None = None,
     aug: AugmentConfig | None = None,
@@ -142,6 +145,8 @@ def train(
         opt.load_state_dict(st["optimizer"])
         start = int(st["step"])
         rng.bit_generator.state = st["rng"]
+        if "data" in st and hasattr(data, "load_state_dict"):
+            data.load_state_dict(st["data"])
         print(f"resuming {tag} at step {start}", file=sys.stderr)
     t0 = time.perf_counter()
     window: list[tuple[float, float]] = []
@@ -183,9 +188,14 @@ def train(
                 file=sys.stderr,
                 flush=True,
             )
+        if cfg.keep_every and done % cfg.keep_every == 0:
+            kept = out / f"{tag}_step{done}.pt"
+            save_checkpoint(model, kept, half=True, metadata={"step": done, "tag": tag, "train_config": asdict(cfg)})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(model, ck, metadata={"step": done, "tag": tag, "train_config": asdict(cfg)})
             state = {"optimizer": opt.state_dict(), "step": done, "rng": rng.bit_generator.state}
+            if hasattr(data, "state_dict"):  # which generated cases the sampler is at (training/mixed.py)
+                state["data"] = data.state_dict()
             atomic_write(state_path, lambda f: torch.save(state, f))  # noqa: B023 (called at once)
     model.eval()
     return ck

@@ -181,7 +181,8 @@ def memory_finetune(
     if layer < 0:
         raise ValueError(f"{model.cfg.name} has no memory layer")
     print(f"[memory] building the training memory (layer {layer})", file=sys.stderr, flush=True)
-    mem = TrainingMemory(model, data, sources, k, progress, mirrors=mirrors)
+    # The memory holds real structures only (a MixedTrainingData's generated cases are not kept).
+    mem = TrainingMemory(model, getattr(data, "real", None) or data, sources, k, progress, mirrors=mirrors)
     print(f"[memory] {len(mem)} entries", file=sys.stderr, flush=True)
     for n, p in model.named_parameters():
         p.requires_grad_(not frozen_for_memory(n, layer))
