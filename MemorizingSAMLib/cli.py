@@ -31,6 +31,15 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _join_ranks(args: argparse.Namespace):
+    """Under torchrun: this process's distributed.Ranks and device (its own GPU on CUDA); else one rank and
+    --device."""
+    from .distributed import device_for, from_env
+
+    ranks = from_env(args.device, args.dist_timeout)
+    return ranks, device_for(ranks, args.device)
+
+
 def _parse_triplet(text: str, what: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",")]
@@ -208,14 +217,18 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
         names = _label_names(args.label_names, args.images)
     else:
         raise UsageError("give --images and --labels, or --data (a 'memsam data fetch' folder)")
-    device = _device(args)
+    from .distributed import finish
+
+    ranks, device = _join_ranks(args)
     model = load_model(args.model, device=device).prepare_for_inference()
-    out = build_bank(model, pairs, names, args.out, layer=args.layer)
-    bank = MemoryBank.load(out, model)
-    print(
-        f"wrote {out}: {len(bank)} entries from {len(pairs)} cases, layer {bank.layer}, "
-        f"{out.stat().st_size / 2**20:.1f} MB"
-    )
+    out = build_bank(model, pairs, names, args.out, layer=args.layer, ranks=ranks)
+    if ranks.main:
+        bank = MemoryBank.load(out, model)
+        print(
+            f"wrote {out}: {len(bank)} entries from {len(pairs)} cases, layer {bank.layer}, "
+            f"{out.stat().st_size / 2**20:.1f} MB"
+        )
+    finish(ranks)
     return 0
 
 
@@ -254,13 +267,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         clicks=args.clicks, split=split, legacy=args.legacy, sources=sources, max_targets_per_case=args.max_targets
     )
+    from .distributed import finish
+
+    ranks, device = _join_ranks(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     methods = []
     if args.model:
         from .checkpoints import load_model
 
-        device = _device(args)
         model = load_model(args.model, device=device).prepare_for_inference()
         memory = None
         if args.memory:
@@ -272,8 +288,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         methods += [RegionGrowingSegmenter(), RandomWalkerSegmenter()]
     reports = []
     for seg in methods:
-        print(f"evaluating {seg.name} ({'legacy' if args.legacy else 'our'} protocol, {args.clicks} clicks)")
-        rep = evaluate(seg, args.data, cfg, progress=_progress_bar, keep_masks=args.montage)
+        if ranks.main:
+            print(f"evaluating {seg.name} ({'legacy' if args.legacy else 'our'} protocol, {args.clicks} clicks)")
+        rep = evaluate(seg, args.data, cfg, progress=_progress_bar, keep_masks=args.montage, ranks=ranks)
+        if rep is None:  # not rank 0: its results went to rank 0
+            continue
         examples = rep.pop("_examples", [])
         tag = seg.name.replace(" ", "_").replace("+", "")
         atomic_text(out / f"eval_{tag}.json", json.dumps(rep, indent=1))
@@ -288,13 +307,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             + ", ".join(f"Dice@{n} {v:.3f}" for n, v in picks.items())
             + (f", NoC@85 {o['noc85']:.2f}, AUC {o['auc']:.3f}" if o["targets"] else "")
         )
-    dice_curve(reports, out / "dice_vs_clicks.png")
-    print(f"wrote {out}")
+    if ranks.main:
+        dice_curve(reports, out / "dice_vs_clicks.png")
+        print(f"wrote {out}")
+    finish(ranks)
     return 0
 
 
-def _training_data(args: argparse.Namespace):
-    """The train split of --data, mixed with generated cases when --procedural / --synthetic ask for them."""
+def _training_data(args: argparse.Namespace, rank: int = 0):
+    """The train split of --data, mixed with generated cases when --procedural / --synthetic ask for them (each
+    rank of a torchrun job generating its own)."""
     from .training.data import TrainingData
 
     real = TrainingData(args.data, split=args.split)
@@ -302,7 +324,8 @@ def _training_data(args: argparse.Namespace):
         return real
     from .training.mixed import MixConfig, MixedTrainingData
 
-    return MixedTrainingData(real, MixConfig(p_procedural=args.procedural, p_synthetic=args.synthetic, seed=args.seed))
+    mix = MixConfig(p_procedural=args.procedural, p_synthetic=args.synthetic, seed=args.seed)
+    return MixedTrainingData(real, mix, rank=rank)
 
 
 def _add_mix_options(p: argparse.ArgumentParser) -> None:
@@ -323,9 +346,11 @@ def _add_mix_options(p: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from .distributed import finish
     from .modeling import build_sam3d
     from .training.loop import TrainConfig, train
 
+    ranks, device = _join_ranks(args)
     torch.manual_seed(args.seed)
     if args.init:
         from .checkpoints import load_model
@@ -333,10 +358,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model = load_model(args.init, config=args.config)
     else:
         model = build_sam3d(args.config)
-    data = _training_data(args)
-    print(
-        f"training {model.cfg.name} ({model.count_parameters():,} parameters) on {len(data)} targets", file=sys.stderr
-    )
+    data = _training_data(args, ranks.rank)
+    if ranks.main:
+        print(
+            f"training {model.cfg.name} ({model.count_parameters():,} parameters) on {len(data)} targets"
+            + (f", {ranks.world} processes" if ranks.active else ""),
+            file=sys.stderr,
+        )
     cfg = TrainConfig(
         steps=args.steps,
         batch=args.batch,
@@ -347,8 +375,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         keep_every=args.keep_every,
     )
-    ck = train(model, data, args.out, cfg, device=args.device, resume=not args.no_resume)
-    print(f"wrote {ck}")
+    ck = train(model, data, args.out, cfg, device=device, resume=not args.no_resume, ranks=ranks)
+    if ranks.main:
+        print(f"wrote {ck}")
+    finish(ranks)
     return 0
 
 
@@ -356,27 +386,31 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoints import load_model, save_checkpoint
+    from .distributed import finish
     from .modeling import build_sam3d
     from .training.distill import DistillConfig, distill_encoder, init_student_from_teacher
     from .training.loop import TrainConfig, train
 
+    ranks, device = _join_ranks(args)
     torch.manual_seed(args.seed)
     teacher = load_model(args.teacher)
     student = build_sam3d(args.student_config)
     init_student_from_teacher(student, teacher)
-    data = _training_data(args)
-    print(
-        f"distilling {teacher.cfg.name} -> {student.cfg.name} ({student.count_parameters():,} parameters)",
-        file=sys.stderr,
+    data = _training_data(args, ranks.rank)
+    if ranks.main:
+        print(
+            f"distilling {teacher.cfg.name} -> {student.cfg.name} ({student.count_parameters():,} parameters)",
+            file=sys.stderr,
+        )
+    dcfg = DistillConfig(
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
     )
-    distill_encoder(
-        student,
-        teacher,
-        data,
-        args.out,
-        DistillConfig(steps=args.steps, batch=args.batch, seed=args.seed, log_every=args.log_every),
-        device=args.device,
-    )
+    resume = not args.no_resume
+    distill_encoder(student, teacher, data, args.out, dcfg, device=device, resume=resume, ranks=ranks)
     if args.finetune_steps:
         cfg = TrainConfig(
             steps=args.finetune_steps,
@@ -386,16 +420,22 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             warmup=min(50, args.finetune_steps),
             train_encoder=False,
             log_every=args.log_every,
-            checkpoint_every=max(1, args.finetune_steps // 4),
+            checkpoint_every=min(args.checkpoint_every, max(1, args.finetune_steps // 4)),
         )
-        train(student, data, args.out, cfg, device=args.device, resume=False, tag="finetune")
-    out = save_checkpoint(
-        student,
-        f"{args.out}/student.pt",
-        half=args.half,
-        metadata={"teacher": str(args.teacher), "distill_steps": args.steps, "finetune_steps": args.finetune_steps},
-    )
-    print(f"wrote {out}")
+        train(student, data, args.out, cfg, device=device, resume=resume, tag="finetune", ranks=ranks)
+    if ranks.main:
+        out = save_checkpoint(
+            student,
+            f"{args.out}/student.pt",
+            half=args.half,
+            metadata={
+                "teacher": str(args.teacher),
+                "distill_steps": args.steps,
+                "finetune_steps": args.finetune_steps,
+            },
+        )
+        print(f"wrote {out}")
+    finish(ranks)
     return 0
 
 
@@ -403,14 +443,16 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoints import load_model, save_checkpoint
+    from .distributed import finish
     from .memory_bank import _progress
     from .modeling.config import get_config
     from .training.loop import TrainConfig
     from .training.memory_finetune import memory_finetune
 
+    ranks, device = _join_ranks(args)
     torch.manual_seed(args.seed)
     model = load_model(args.model, dtype=torch.float32)
-    data = _training_data(args)
+    data = _training_data(args, ranks.rank)
     sources = [s for s in args.sources.split(",") if s] if args.sources else None
     cfg = TrainConfig(
         steps=args.steps,
@@ -431,16 +473,19 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
         sources,
         args.k,
         memory_lr_scale=args.memory_lr_scale,
-        device=args.device,
-        progress=_progress,
+        device=device,
+        progress=_progress if ranks.main else None,
+        ranks=ranks,
     )
-    out = save_checkpoint(
-        model,
-        f"{args.out}/model.pt",
-        half=args.half,
-        metadata={"init": str(args.model), "memory_finetune_steps": args.steps, "memory_sources": sources},
-    )
-    print(f"wrote {out}")
+    if ranks.main:
+        out = save_checkpoint(
+            model,
+            f"{args.out}/model.pt",
+            half=args.half,
+            metadata={"init": str(args.model), "memory_finetune_steps": args.steps, "memory_sources": sources},
+        )
+        print(f"wrote {out}")
+    finish(ranks)
     return 0
 
 
@@ -496,6 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="MemorizingSAM: interactive 3D segmentation with SAM-Med3D / FastSAM3D / Memorizing SAM models.",
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    # Options of the commands that run data-parallel under torchrun.
+    dist = argparse.ArgumentParser(add_help=False)
+    dist.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="under torchrun: seconds a collective may wait for the other ranks before the job stops with an error",
+    )
 
     p = sub.add_parser(
         "segment",
@@ -529,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "build-memory",
+        parents=[dist],
         help="build a memory bank from labelled volumes (one entry per structure per case)",
         description="Each label value of each case becomes one entry: the model-space crop centred at the "
         "structure's interior-most voxel, the memory layer's keys/values (fp16) and a retrieval descriptor. "
@@ -548,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
+        parents=[dist],
         help="interactive training (simulated clicks, previous logits fed back), with checkpoints and resume",
         description="Trains a named config (or continues --init) on the train split of a 'memsam data fetch' "
         "folder. Writes OUT/train_last.pt (our checkpoint format), OUT/train_last.state.pt (optimizer, RNG) and "
@@ -573,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "distill",
+        parents=[dist],
         help="layer-wise progressive distillation of a student encoder from a teacher, then decoder fine-tuning",
         description="Student block i learns teacher block 2i+1; layers join the loss progressively (stage s trains "
         "blocks 0..s-1, the image embedding joins in the last stage); the teacher is frozen. Then the prompt "
@@ -588,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-resume", action="store_true", help="start over instead of continuing a run in OUT")
     p.add_argument("--half", action="store_true", help="store the student's weights in fp16")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="run folder")
@@ -596,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune-memory",
+        parents=[dist],
         help="fine-tune a model with memory attention active so that it uses a memory bank",
         description="Converts the model to a config with learned memory gates and mask-aware memory values, builds "
         "an in-RAM memory of the training structures (from --sources), and trains with the interactive loop; a "
@@ -654,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
+        parents=[dist],
         help="simulated-click evaluation: Dice after each click, NoC, latency; JSON and PNGs",
         description="Click 1 at the target's interior-most voxel, each next click at the interior-most voxel of the "
         "largest error region (include where under-segmented). Our protocol: the crop follows the clicks as in a "

@@ -425,6 +425,43 @@ def structure_entry(
     )
 
 
+def case_entries(
+    model: Sam3D,
+    case: tuple,
+    label_names: dict[int, str] | None = None,
+    layer: int | None = None,
+    min_voxels: int = 20,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BankEntry]]:
+    """The bank entries of one (case name, image, label map[, label values to use]) tuple, in label order:
+    (descriptor, keys, values, token foreground, entry) per structure of at least ``min_voxels`` voxels."""
+    layer = model.cfg.memory_layer if layer is None else layer
+    name, image, label, *allowed = case
+    img = image if isinstance(image, sitk.Image) else read_image(image)
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    lab_img = label if isinstance(label, sitk.Image) else read_image(label)
+    lab = sitk.GetArrayViewFromImage(lab_img)
+    label_values = sorted(int(v) for v in np.unique(lab) if v != 0)
+    if allowed and allowed[0] is not None:
+        label_values = [v for v in label_values if v in set(allowed[0])]
+    out = []
+    for value in label_values:
+        m = lab == value
+        if m.sum() < min_voxels:
+            continue
+        structure = sitk.GetImageFromArray(m.astype(np.float32))
+        structure.CopyInformation(lab_img)
+        d, k, v, fg, grid = structure_entry(model, img, structure, interior_point(m), layer)
+        entry = BankEntry(
+            (label_names or {}).get(value, str(value)),
+            value,
+            name,
+            tuple(float(c) for c in grid.origin_ras),
+            int(m.sum()),
+        )
+        out.append((d, k, v, fg, entry))
+    return out
+
+
 def build_bank(
     model: Sam3D,
     cases: Iterable[tuple],
@@ -433,47 +470,35 @@ def build_bank(
     layer: int | None = None,
     min_voxels: int = 20,
     progress: Callable[[int, int, str], None] | None = _progress,
-) -> Path:
+    ranks=None,
+) -> Path | None:
     """Build a bank from (case name, image, label map[, label values to use]) tuples: one entry per structure
     (label value) per case, its crop centred at the structure's interior-most voxel, exactly as a first click
-    would place it; the structure's mask is stored per token for mask-aware memory values."""
+    would place it; the structure's mask is stored per token for mask-aware memory values.
+
+    ``ranks`` (distributed.Ranks, under torchrun): each rank encodes its share of the cases, rank 0 gathers them
+    in the given order and writes the same bank as one process would; the other ranks return None."""
+    from .distributed import Ranks, gather_to_main
+
+    ranks = ranks or Ranks()
     layer = model.cfg.memory_layer if layer is None else layer
     if layer < 0:
         raise ValueError(f"model {model.cfg.name} has no memory layer configured; pass layer=")
     cases = list(cases)
-    descs, keys, values, fgs, entries = [], [], [], [], []
-    for ci, (name, image, label, *allowed) in enumerate(cases):
-        img = image if isinstance(image, sitk.Image) else read_image(image)
-        img = sitk.Cast(img, sitk.sitkFloat32)
-        lab_img = label if isinstance(label, sitk.Image) else read_image(label)
-        lab = sitk.GetArrayViewFromImage(lab_img)
-        label_values = sorted(int(v) for v in np.unique(lab) if v != 0)
-        if allowed and allowed[0] is not None:
-            label_values = [v for v in label_values if v in set(allowed[0])]
-        for value in label_values:
-            m = lab == value
-            if m.sum() < min_voxels:
-                continue
-            structure = sitk.GetImageFromArray(m.astype(np.float32))
-            structure.CopyInformation(lab_img)
-            d, k, v, fg, grid = structure_entry(model, img, structure, interior_point(m), layer)
-            descs.append(d)
-            keys.append(k)
-            values.append(v)
-            fgs.append(fg)
-            entries.append(
-                BankEntry(
-                    (label_names or {}).get(value, str(value)),
-                    value,
-                    name,
-                    tuple(float(c) for c in grid.origin_ras),
-                    int(m.sum()),
-                )
-            )
-        if progress:
-            progress(ci + 1, len(cases), name)
-    if not entries:
+    mine = ranks.shard(len(cases))
+    done = []
+    for n, ci in enumerate(mine):
+        done.append((ci, case_entries(model, cases[ci], label_names, layer, min_voxels)))
+        if progress and ranks.main:
+            progress(n + 1, len(mine), cases[ci][0])
+    gathered = gather_to_main(done, ranks)
+    if not ranks.main:
+        return None
+    pieces = sorted((p for part in gathered for p in part), key=lambda p: p[0])
+    rows = [r for _, per_case in pieces for r in per_case]
+    if not rows:
         raise ValueError("no labelled structure found in the given cases")
+    descs, keys, values, fgs, entries = (list(col) for col in zip(*rows))
     return write_bank(
         out, model, layer, np.stack(descs), np.stack(keys), np.stack(values), entries, foreground=np.stack(fgs)
     )

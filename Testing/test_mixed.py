@@ -45,31 +45,39 @@ def atlas_data(tmp_path_factory):
     return TrainingData(root)
 
 
-def _stream(data, rng, n):
+def _stream(data, steps, per_step=2, seed=5):
+    """Samples of ``steps`` as the training loop draws them: the step set, then per-sample streams."""
+    from MemorizingSAMLib.training.loop import sample_rng
+
     cfg = get_config("memsam_hq_teacher")
-    return [data.sample(rng, cfg) for _ in range(n)]
+    out = []
+    for step in steps:
+        data.set_step(step)
+        for n in range(per_step):
+            rng = sample_rng(seed, step, n)
+            t = data.sample_target(rng)
+            out.append((t.source, *data.crop(t, rng, cfg)))
+    return out
 
 
 def test_stream_is_reproducible_and_resumes_where_it_stopped(atlas_data):
     mix = MixConfig(p_procedural=0.5, p_synthetic=0.3, pool_size=2, refresh_every=2, procedural_config=SMALL)
-    rng = np.random.default_rng(5)
-    whole = MixedTrainingData(atlas_data, mix)
-    first = _stream(whole, rng, 20)
-    state, rng_state = whole.state_dict(), rng.bit_generator.state
-    rest = _stream(whole, rng, 6)
-    assert state["procedural_drawn"] > 2 and state["synthetic_drawn"] > 0  # the pools did turn over
-
-    resumed = MixedTrainingData(atlas_data, mix)
-    resumed.load_state_dict(state)
-    rng2 = np.random.default_rng()
-    rng2.bit_generator.state = rng_state
-    for (x, y, c), (x2, y2, c2) in zip(rest, _stream(resumed, rng2, 6)):
-        assert np.array_equal(x, x2) and np.array_equal(y, y2) and np.array_equal(c, c2)
-    again = _stream(MixedTrainingData(atlas_data, mix), np.random.default_rng(5), 20)
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, again))
+    whole = _stream(MixedTrainingData(atlas_data, mix), range(12))
+    sources = {s[0] for s in whole}
+    assert {"procedural", "synthetic", "atlas"} <= sources
+    # a new process started at step 7 (a resumed run) draws what the whole run drew from step 7 on
+    resumed = _stream(MixedTrainingData(atlas_data, mix), range(7, 12))
+    for a, b in zip(whole[14:], resumed, strict=True):
+        assert a[0] == b[0] and all(np.array_equal(u, v) for u, v in zip(a[1:], b[1:]))
+    # the pools turned over: late steps draw generated cases the first steps never saw
+    early = MixedTrainingData(atlas_data, mix)
+    early.set_step(0)
+    first = early.procedural.live()
+    early.set_step(11)
+    assert 0 in first and 0 not in early.procedural.live()
     # another rank draws other cases
     other = MixedTrainingData(atlas_data, mix, rank=1)
-    mine, theirs = whole._make_procedural(0).targets[0], other._make_procedural(0).targets[0]
+    mine, theirs = early._make_procedural(0).targets[0], other._make_procedural(0).targets[0]
     assert not np.array_equal(mine.voxels_kji, theirs.voxels_kji)
 
 
@@ -83,7 +91,9 @@ def test_synthetic_cases_are_painted_from_train_structures_only(atlas_data, monk
 
     monkeypatch.setattr(mixed.procedural, "synthesise_from_labels", recording)
     data = MixedTrainingData(atlas_data, MixConfig(p_procedural=0.0, p_synthetic=1.0, pool_size=1, refresh_every=1))
-    for t in [data.sample_target(np.random.default_rng(s)) for s in range(6)]:
+    for step in range(6):
+        data.set_step(step)
+        t = data.sample_target(np.random.default_rng(step))
         assert t.source == "synthetic"
     assert len(painted) >= 6
     for values in painted:
@@ -102,7 +112,7 @@ def test_shares_are_checked(atlas_data):
 
 
 def test_training_resumes_the_stream_with_the_weights(atlas_data, tmp_path):
-    """A run stopped at step 2 and resumed to 4 ends where a 4-step run ends: same sampler state, same weights."""
+    """A run stopped at step 2 and resumed to 4 ends where a 4-step run ends: same pools, same weights."""
     import torch
 
     from MemorizingSAMLib.modeling import build_sam3d
@@ -116,13 +126,11 @@ def test_training_resumes_the_stream_with_the_weights(atlas_data, tmp_path):
         data = MixedTrainingData(atlas_data, mix)
         cfg = TrainConfig(steps=steps, batch=2, max_clicks=1, checkpoint_every=1, log_every=1, warmup=1)
         train(model, data, out, cfg, device="cpu", resume=resume)
-        return model, data.state_dict()
+        return model, data.procedural.live()
 
-    whole, s_whole = run(tmp_path / "a", 4, False)
+    whole, live_whole = run(tmp_path / "a", 4, False)
     run(tmp_path / "b", 2, False)
-    st = torch.load(tmp_path / "b" / "train_last.state.pt", weights_only=True)
-    assert st["data"]["procedural_drawn"] + st["data"]["synthetic_drawn"] > 0
-    resumed, s_resumed = run(tmp_path / "b", 4, True)
-    assert s_resumed == s_whole
+    resumed, live_resumed = run(tmp_path / "b", 4, True)
+    assert live_resumed == live_whole
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), n

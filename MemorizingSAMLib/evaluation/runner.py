@@ -100,16 +100,25 @@ def evaluate(
     cfg: EvalConfig = EvalConfig(),
     progress: Callable[[int, int, str], None] | None = None,
     keep_masks: int = 0,
-) -> dict:
-    """Evaluate ``segmenter`` (SessionSegmenter, RegionGrowingSegmenter, ...) on the dataset at ``data_root``."""
+    ranks=None,
+) -> dict | None:
+    """Evaluate ``segmenter`` (SessionSegmenter, RegionGrowingSegmenter, ...) on the dataset at ``data_root``.
+
+    ``ranks`` (distributed.Ranks, under torchrun): each rank runs every world-th target, rank 0 gathers the
+    results in the one-process order and returns the same report (timings aside); the other ranks return None."""
+    from ..distributed import Ranks, gather_to_main
+
+    ranks = ranks or Ranks()
     root = Path(data_root)
     meta = load_dataset(root)
     cases = [c for c in meta["cases"] if cfg.sources is None or c["source"] in cfg.sources]
     jobs = [(c, v, n) for c in cases for v, n in targets(c, cfg.split)[: cfg.max_targets_per_case]]
+    mine = ranks.shard(len(jobs))
     results, examples = [], []
     t0 = time.perf_counter()
     current = None
-    for done, (case, value, name) in enumerate(jobs, start=1):
+    for done, index in enumerate(mine, start=1):
+        case, value, name = jobs[index]
         if current is None or current[0] != case["id"]:
             img = sitk.ReadImage(str(root / case["image"]))
             lab = sitk.GetArrayFromImage(sitk.ReadImage(str(root / case["label"])))
@@ -121,21 +130,25 @@ def evaluate(
             continue
         r = run_target(segmenter, gt, img.GetSpacing(), cfg.clicks, cfg.legacy)
         r.update({"case": case["id"], "source": case["source"], "label": value, "name": name, "voxels": int(gt.sum())})
-        results.append(r)
+        results.append((index, r))
         if len(examples) < keep_masks:
-            examples.append(
-                {
-                    "case": case["id"],
-                    "name": name,
-                    "image": sitk.GetArrayFromImage(img),
-                    "gt": gt,
-                    "pred": segmenter_mask_copy(segmenter),
-                    "click": r["clicks"][0],
-                }
-            )
-        if progress:
-            progress(done, len(jobs), f"{case['id']}:{name}")
-    wall = time.perf_counter() - t0
+            example = {
+                "case": case["id"],
+                "name": name,
+                "image": sitk.GetArrayFromImage(img),
+                "gt": gt,
+                "pred": segmenter_mask_copy(segmenter),
+                "click": r["clicks"][0],
+            }
+            examples.append((index, example))
+        if progress and ranks.main:
+            progress(done, len(mine), f"{case['id']}:{name}")
+    gathered = gather_to_main((results, examples, time.perf_counter() - t0), ranks)
+    if not ranks.main:
+        return None
+    results = [r for _, r in sorted((x for part in gathered for x in part[0]), key=lambda x: x[0])]
+    examples = [e for _, e in sorted((x for part in gathered for x in part[1]), key=lambda x: x[0])][:keep_masks]
+    wall = max(part[2] for part in gathered)
     by_label: dict[str, list] = {}
     by_source: dict[str, list] = {}
     for r in results:
@@ -153,6 +166,7 @@ def evaluate(
         "targets": results,
         "timing": {
             "wall_s": round(wall, 2),
+            "processes": ranks.world,
             "click_latency_ms_p50": round(float(np.percentile(lat, 50)), 2) if lat else None,
             "click_latency_ms_p90": round(float(np.percentile(lat, 90)), 2) if lat else None,
         },

@@ -10,6 +10,7 @@ teacher's patch/position embedding, neck, prompt encoder and mask decoder, which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -17,13 +18,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import save_checkpoint
+from ..checkpoints import load_model, save_checkpoint
+from ..distributed import Ranks, barrier
+from ..fileio import atomic_write
 from ..modeling.sam3d import Sam3D
 from .data import AugmentConfig, TrainingData
+from .loop import sample_rng
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class DistillConfig:
     weight_decay: float = 0.01
     seed: int = 0
     log_every: int = 10
+    checkpoint_every: int = 100
 
 
 def layer_mapping(student: Sam3D, teacher: Sam3D) -> list[tuple[int, int]]:
@@ -77,6 +81,18 @@ def distillation_loss(
     return sum(losses), [float(v.detach()) for v in losses]
 
 
+class _DistillLoss(torch.nn.Module):
+    """The distillation loss as a module's forward (for DistributedDataParallel)."""
+
+    def __init__(self, student: Sam3D, teacher: Sam3D) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = [teacher]  # a list: not a submodule, so DDP neither syncs nor reduces it
+
+    def forward(self, x: torch.Tensor, n_active: int, with_embedding: bool):
+        return distillation_loss(self.student, self.teacher[0], x, n_active, with_embedding)
+
+
 def distill_encoder(
     student: Sam3D,
     teacher: Sam3D,
@@ -85,9 +101,16 @@ def distill_encoder(
     cfg: DistillConfig | None = None,
     device=None,
     aug: AugmentConfig | None = None,
+    resume: bool = True,
+    ranks: Ranks | None = None,
 ) -> Path:
-    """Progressive layer-wise distillation of the student encoder; returns the checkpoint path."""
-    cfg, aug = cfg or DistillConfig(), aug or AugmentConfig()
+    """Progressive layer-wise distillation of the student encoder; returns the checkpoint path. Checkpoints
+    ``out_dir/distill_last.pt`` (+ ``.state.pt``) every ``cfg.checkpoint_every`` steps; with ``resume`` an
+    interrupted run continues. Under torchrun (``ranks``) the batch is split over the ranks as in loop.train."""
+    cfg, aug, ranks = cfg or DistillConfig(), aug or AugmentConfig(), ranks or Ranks()
+    if cfg.batch % ranks.world:
+        raise ValueError(f"the batch ({cfg.batch}) must be a multiple of the number of processes ({ranks.world})")
+    local = cfg.batch // ranks.world
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -95,39 +118,67 @@ def distill_encoder(
     student.to(device).train()
     params = list(student.image_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
+    ck, state_path = out / "distill_last.pt", out / "distill_last.state.pt"
+    start = 0
+    if resume and ck.is_file() and state_path.is_file():
+        student.load_state_dict(load_model(ck, config=student.cfg, device=device).state_dict())
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        start = int(st["step"])
+        if ranks.main:
+            print(f"resuming distill at step {start}", file=sys.stderr)
+    loss_module = _DistillLoss(student, teacher)
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_module = DistributedDataParallel(loss_module, find_unused_parameters=True)
     n = student.cfg.encoder.depth
     t0, window = time.perf_counter(), []
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
         k = active_layers(step, cfg.steps, n)
         opt.zero_grad(set_to_none=True)
-        for _ in range(cfg.batch):
+        if hasattr(data, "set_step"):
+            data.set_step(step)
+        for i in range(local):
+            rng = sample_rng(cfg.seed, step, ranks.rank * local + i)
             x, _, _ = data.sample(rng, student.cfg, aug)
             xt = torch.from_numpy(x).to(device)[None, None]
-            loss, parts = distillation_loss(student, teacher, xt, k, with_embedding=k == n)
-            (loss / cfg.batch).backward()
+            sync = ranks.active and i < local - 1
+            with loss_module.no_sync() if sync else contextlib.nullcontext():
+                loss, parts = loss_module(xt, k, k == n)
+                (loss / local).backward()
             window.append(parts)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        done = step + 1
+        if ranks.main and (done % cfg.log_every == 0 or done == cfg.steps):
             last = window[-1]
             rec = {
                 "tag": "distill",
-                "step": step + 1,
+                "step": done,
                 "active_layers": k,
                 "layer_losses": [round(v, 5) for v in last],
                 "elapsed_s": round(time.perf_counter() - t0, 1),
+                "processes": ranks.world,
             }
-            window.clear()
             with open(out / "distill_log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(
-                f"[distill] step {step + 1}/{cfg.steps} layers {k}/{n} losses {rec['layer_losses']}",
+                f"[distill] step {done}/{cfg.steps} layers {k}/{n} losses {rec['layer_losses']}",
                 file=sys.stderr,
                 flush=True,
             )
+        if done % cfg.log_every == 0:
+            window.clear()
+        if ranks.main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(student, ck, metadata={"tag": "distill", "step": done})
+            state = {"optimizer": opt.state_dict(), "step": done}
+            atomic_write(state_path, lambda f: torch.save(state, f))  # noqa: B023 (called at once)
+    barrier(ranks)
     student.eval()
+    if not ranks.main:
+        return out / "distill_encoder.pt"
     return save_checkpoint(student, out / "distill_encoder.pt", metadata={"tag": "distill", "steps": cfg.steps})

@@ -9,6 +9,7 @@ back-propagated through decoder and encoder together. AdamW, linear warm-up then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints import load_model, save_checkpoint
+from ..distributed import Ranks, barrier
 from ..evaluation.clicks import next_click
 from ..fileio import atomic_write
 from ..modeling.memory_attention import MemoryProvider
@@ -106,6 +108,24 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class _SampleLoss(torch.nn.Module):
+    """One sample's interactive loss as a module's forward, so that DistributedDataParallel sees the call and
+    all-reduces the gradients of the backward that follows."""
+
+    def __init__(self, model: Sam3D) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, click0, n_clicks: int, device, dtype, memory):
+        return interactive_sample_loss(self.model, x, y, click0, n_clicks, device, dtype, memory)
+
+
+def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The random stream of sample ``index`` (0 .. batch-1) of ``step``: the same whichever rank draws it, so a
+    run over N ranks sees the samples one process would, and a resumed run needs no sampler state."""
+    return np.random.default_rng([seed, step, index])
+
+
 def train(
     model: Sam3D,
     data: TrainingData | MixedTrainingData,
@@ -118,15 +138,25 @@ def train(
     params: list[torch.nn.Parameter] | list[dict] | None = None,
     tag: str = "train",
     memory: Callable[[Target], MemoryProvider | None] | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
-    """Train ``model`` in place; checkpoints ``out_dir/{tag}_last.pt`` (+ ``.state.pt`` for the optimizer and RNG)
+    """Train ``model`` in place; checkpoints ``out_dir/{tag}_last.pt`` (+ ``.state.pt`` for the optimizer)
     every ``checkpoint_every`` steps and at the end, log lines to ``out_dir/{tag}_log.jsonl``. With ``resume``, a
     previous run's last checkpoint in ``out_dir`` is continued. Returns the final checkpoint path.
 
     ``memory(target)`` gives the memory provider for a sample of ``target`` (or None); a share ``cfg.p_memory`` of
-    the samples is encoded with it, the rest without, so that the model works with and without a bank."""
+    the samples is encoded with it, the rest without, so that the model works with and without a bank.
+
+    ``ranks`` (distributed.py, under torchrun): the global batch ``cfg.batch`` is split over the ranks, gradients
+    are all-reduced by DistributedDataParallel, and only rank 0 writes checkpoints and logs. Samples are drawn from
+    (seed, step, index in the batch), so any number of ranks trains on the same samples, and a run can be resumed
+    with another number of ranks."""
     cfg = cfg or TrainConfig()
     aug = aug or AugmentConfig()
+    ranks = ranks or Ranks()
+    if cfg.batch % ranks.world:
+        raise ValueError(f"the batch ({cfg.batch}) must be a multiple of the number of processes ({ranks.world})")
+    local = cfg.batch // ranks.world
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -137,38 +167,47 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for g in opt.param_groups for p in g["params"]]
     ck, state_path, log_path = out / f"{tag}_last.pt", out / f"{tag}_last.state.pt", out / f"{tag}_log.jsonl"
-    start, rng = 0, np.random.default_rng(cfg.seed)
+    start = 0
     if resume and ck.is_file() and state_path.is_file():
         loaded = load_model(ck, config=model.cfg, device=device, dtype=dtype)
         model.load_state_dict(loaded.state_dict())
         st = torch.load(state_path, map_location=device, weights_only=True)
         opt.load_state_dict(st["optimizer"])
         start = int(st["step"])
-        rng.bit_generator.state = st["rng"]
-        if "data" in st and hasattr(data, "load_state_dict"):
-            data.load_state_dict(st["data"])
-        print(f"resuming {tag} at step {start}", file=sys.stderr)
+        if ranks.main:
+            print(f"resuming {tag} at step {start}", file=sys.stderr)
+    loss_module = _SampleLoss(model)
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Unused parameters exist by design (the IoU head and the multimask tokens get no loss; frozen parts).
+        loss_module = DistributedDataParallel(loss_module, find_unused_parameters=True)
     t0 = time.perf_counter()
     window: list[tuple[float, float]] = []
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg) * g.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
-        for _ in range(cfg.batch):
+        if hasattr(data, "set_step"):
+            data.set_step(step)
+        for n in range(local):
+            rng = sample_rng(cfg.seed, step, ranks.rank * local + n)
             tgt = data.sample_target(rng)
             x, y, c0 = data.crop(tgt, rng, model.cfg, aug)
             n_clicks = int(rng.integers(1, cfg.max_clicks + 1))
             mem = memory(tgt) if memory is not None and rng.random() < cfg.p_memory else None
-            loss, dices = interactive_sample_loss(model, x, y, c0, n_clicks, device, dtype, mem)
-            (loss / cfg.batch).backward()
+            # Gradients are all-reduced once per step, in the last sample's backward.
+            sync = ranks.active and n < local - 1
+            with loss_module.no_sync() if sync else contextlib.nullcontext():
+                loss, dices = loss_module(x, y, c0, n_clicks, device, dtype, mem)
+                (loss / local).backward()
             window.append((loss.item(), dices[-1]))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if ranks.main and (done % cfg.log_every == 0 or done == cfg.steps):
             loss_m = float(np.mean([w[0] for w in window]))
             dice_m = float(np.mean([w[1] for w in window]))
-            window.clear()
             el = time.perf_counter() - t0
             rec = {
                 "tag": tag,
@@ -177,6 +216,7 @@ def train(
                 "dice": round(dice_m, 4),
                 "lr": round(_lr_at(step, cfg), 7),
                 "elapsed_s": round(el, 1),
+                "processes": ranks.world,
             }
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -188,14 +228,17 @@ def train(
                 file=sys.stderr,
                 flush=True,
             )
+        if done % cfg.log_every == 0:
+            window.clear()
+        if not ranks.main:
+            continue
         if cfg.keep_every and done % cfg.keep_every == 0:
             kept = out / f"{tag}_step{done}.pt"
             save_checkpoint(model, kept, half=True, metadata={"step": done, "tag": tag, "train_config": asdict(cfg)})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(model, ck, metadata={"step": done, "tag": tag, "train_config": asdict(cfg)})
-            state = {"optimizer": opt.state_dict(), "step": done, "rng": rng.bit_generator.state}
-            if hasattr(data, "state_dict"):  # which generated cases the sampler is at (training/mixed.py)
-                state["data"] = data.state_dict()
+            state = {"optimizer": opt.state_dict(), "step": done}
             atomic_write(state_path, lambda f: torch.save(state, f))  # noqa: B023 (called at once)
+    barrier(ranks)
     model.eval()
     return ck

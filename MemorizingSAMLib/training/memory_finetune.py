@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..distributed import Ranks
 from ..memory_bank import structure_entry
 from ..modeling.config import Sam3DConfig
 from ..modeling.memory_attention import RetrievedMemory, inverse_distance_weights, memory_descriptor
@@ -168,11 +169,13 @@ def memory_finetune(
     aug: AugmentConfig | None = None,
     device=None,
     progress: Callable[[int, int, str], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[Sam3D, Path]:
     """Convert ``model`` to ``memory_config`` (unless it already is one), build the training memory from
     ``data``'s targets of ``sources``, and train with memory active for ``cfg.p_memory`` of the samples; the
     frozen part is kept as is; the memory parameters learn ``memory_lr_scale`` times faster. Returns the trained
-    model and its checkpoint (``out_dir/memory_last.pt``)."""
+    model and its checkpoint (``out_dir/memory_last.pt``). ``ranks``: see loop.train (every rank builds the
+    same training memory)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=device, dtype=torch.float32)
     if model.cfg != memory_config:
@@ -194,6 +197,8 @@ def memory_finetune(
     ]
     # No axis flips: the same-position bias relates crop positions, which a flipped sample would scramble.
     aug = aug or AugmentConfig(flip=False)
-    ck = train(model, data, out_dir, cfg, aug, device, params=params, tag="memory", memory=mem.provider_for)
+    ck = train(
+        model, data, out_dir, cfg, aug, device, params=params, tag="memory", memory=mem.provider_for, ranks=ranks
+    )
     model.requires_grad_(True)
     return model, ck

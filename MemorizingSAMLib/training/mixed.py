@@ -2,9 +2,10 @@
 maps painted in random contrasts, and the real training images with augmentation (data.py).
 
 Generated cases live in two small pools (``MixConfig.pool_size`` each). A new case enters a pool every
-``refresh_every`` samples drawn from it, replacing the oldest, so the stream never repeats and only a few cases are
-in memory. Which cases are in a pool is a function of how many samples were drawn (``state_dict``), and every
-case is a function of its index and the seed, so a resumed run sees exactly the cases it would have seen.
+``refresh_every`` training steps, replacing the oldest, so the stream never repeats and only a few cases are in
+memory. Which cases are in a pool is a function of the step (``set_step``, called by the training loop), and every
+case a function of the seed, the rank and its index, so a resumed run sees exactly the cases it would have seen
+and needs no sampler state, and each rank of a torchrun job draws its own cases.
 
 Held-out data never enters: the real part is :class:`TrainingData` of the train split, and the synthetic images
 are painted from label maps in which every structure that is not a train target of that case is erased to
@@ -32,7 +33,7 @@ class MixConfig:
     p_procedural: float = 0.4
     p_synthetic: float = 0.2
     pool_size: int = 6
-    refresh_every: int = 12
+    refresh_every: int = 6  # training steps
     seed: int = 0
     min_voxels: int = 30
     # Synthetic cases are painted from a cube of this edge (mm) around a real train target.
@@ -54,15 +55,15 @@ class _PoolCase:
 
 
 class _Pool:
-    """Cases ``make(index)`` for index = drawn // refresh_every - pool_size + 1 .. drawn // refresh_every."""
+    """Cases ``make(index)`` for index = step // refresh_every - pool_size + 1 .. step // refresh_every."""
 
     def __init__(self, make, size: int, refresh_every: int) -> None:
         self.make, self.size, self.refresh_every = make, size, refresh_every
-        self.drawn = 0
+        self.step = 0
         self.cases: OrderedDict[int, _PoolCase] = OrderedDict()
 
     def live(self) -> list[int]:
-        newest = self.drawn // self.refresh_every
+        newest = self.step // self.refresh_every
         return list(range(max(0, newest - self.size + 1), newest + 1))
 
     def draw(self, rng: np.random.Generator) -> tuple[_PoolCase, Target]:
@@ -71,7 +72,6 @@ class _Pool:
             del self.cases[index]
         # A case without targets (everything too small) is skipped, deterministically.
         candidates = [i for i in live if self._get(i).targets]
-        self.drawn += 1
         if not candidates:
             raise RuntimeError("no generated case in the pool has a target")
         case = self.cases[candidates[int(rng.integers(len(candidates)))]]
@@ -100,7 +100,7 @@ def _pool_case(prefix: str, image: sitk.Image, masks: list[tuple[str, np.ndarray
 
 class MixedTrainingData:
     """Same interface as :class:`TrainingData` for the training loops (``sample_target``, ``crop``, ``sample``),
-    plus ``state_dict`` / ``load_state_dict`` for resuming. ``real`` may be None (generated cases only)."""
+    plus ``set_step``. ``real`` may be None (generated cases only)."""
 
     def __init__(self, real: TrainingData | None, cfg: MixConfig | None = None, rank: int = 0) -> None:
         self.cfg = cfg or MixConfig()
@@ -168,9 +168,6 @@ class MixedTrainingData:
     def sample(self, rng: np.random.Generator, cfg: Sam3DConfig, aug: AugmentConfig = AugmentConfig()):  # noqa: B008 (frozen)
         return self.crop(self.sample_target(rng), rng, cfg, aug)
 
-    def state_dict(self) -> dict:
-        return {"procedural_drawn": self.procedural.drawn, "synthetic_drawn": self.synthetic.drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.procedural.drawn = int(state["procedural_drawn"])
-        self.synthetic.drawn = int(state["synthetic_drawn"])
+    def set_step(self, step: int) -> None:
+        """The training step about to be drawn for: it decides which generated cases are in the pools."""
+        self.procedural.step = self.synthetic.step = int(step)
