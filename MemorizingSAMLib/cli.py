@@ -193,6 +193,7 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
 
     from .checkpoints import load_model
     from .memory_bank import MemoryBank, build_bank
+    from .progress import Progress
 
     if args.data:
         from pathlib import Path
@@ -221,7 +222,7 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
 
     ranks, device = _join_ranks(args)
     model = load_model(args.model, device=device).prepare_for_inference()
-    out = build_bank(model, pairs, names, args.out, layer=args.layer, ranks=ranks)
+    out = build_bank(model, pairs, names, args.out, layer=args.layer, progress=Progress("build-memory"), ranks=ranks)
     if ranks.main:
         bank = MemoryBank.load(out, model)
         print(
@@ -230,15 +231,6 @@ def _cmd_build_memory(args: argparse.Namespace) -> int:
         )
     finish(ranks)
     return 0
-
-
-def _progress_bar(done: int, total: int, what: str) -> None:
-    width = 30
-    fill = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {what[:40]:40s}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -261,6 +253,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.plots import dice_curve, montage
     from .evaluation.runner import EvalConfig, SessionSegmenter, evaluate
     from .fileio import atomic_text
+    from .progress import Progress
 
     split = None if args.split == "all" else args.split
     sources = tuple(args.sources.split(",")) if args.sources else None
@@ -290,7 +283,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for seg in methods:
         if ranks.main:
             print(f"evaluating {seg.name} ({'legacy' if args.legacy else 'our'} protocol, {args.clicks} clicks)")
-        rep = evaluate(seg, args.data, cfg, progress=_progress_bar, keep_masks=args.montage, ranks=ranks)
+        rep = evaluate(seg, args.data, cfg, progress=Progress(seg.name), keep_masks=args.montage, ranks=ranks)
         if rep is None:  # not rank 0: its results went to rank 0
             continue
         examples = rep.pop("_examples", [])
@@ -343,12 +336,26 @@ def _add_mix_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _train_config(args: argparse.Namespace, steps: int, **overrides):
+    """The training loop's config from the options the training commands share (the parent parser), plus
+    ``overrides``."""
+    from .training.loop import TrainConfig
+
+    shared = {
+        "batch": args.batch,
+        "seed": args.seed,
+        "log_every": args.log_every,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    return TrainConfig(steps=steps, **{**shared, **overrides})
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .distributed import finish
     from .modeling import build_sam3d
-    from .training.loop import TrainConfig, train
+    from .training.loop import train
 
     ranks, device = _join_ranks(args)
     torch.manual_seed(args.seed)
@@ -365,16 +372,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             + (f", {ranks.world} processes" if ranks.active else ""),
             file=sys.stderr,
         )
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        max_clicks=args.max_clicks,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        keep_every=args.keep_every,
-    )
+    cfg = _train_config(args, args.steps, lr=args.lr, max_clicks=args.max_clicks, keep_every=args.keep_every)
     ck = train(model, data, args.out, cfg, device=device, resume=not args.no_resume, ranks=ranks)
     if ranks.main:
         print(f"wrote {ck}")
@@ -389,7 +387,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from .distributed import finish
     from .modeling import build_sam3d
     from .training.distill import DistillConfig, distill_encoder, init_student_from_teacher
-    from .training.loop import TrainConfig, train
+    from .training.loop import train
 
     ranks, device = _join_ranks(args)
     torch.manual_seed(args.seed)
@@ -412,16 +410,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     resume = not args.no_resume
     distill_encoder(student, teacher, data, args.out, dcfg, device=device, resume=resume, ranks=ranks)
     if args.finetune_steps:
-        cfg = TrainConfig(
-            steps=args.finetune_steps,
-            batch=args.batch,
-            lr=args.finetune_lr,
-            seed=args.seed,
-            warmup=min(50, args.finetune_steps),
-            train_encoder=False,
-            log_every=args.log_every,
-            checkpoint_every=min(args.checkpoint_every, max(1, args.finetune_steps // 4)),
-        )
+        every = min(args.checkpoint_every, max(1, args.finetune_steps // 4))
+        cfg = _train_config(args, args.finetune_steps, lr=args.finetune_lr, train_encoder=False, checkpoint_every=every)
         train(student, data, args.out, cfg, device=device, resume=resume, tag="finetune", ranks=ranks)
     if ranks.main:
         out = save_checkpoint(
@@ -444,9 +434,8 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
 
     from .checkpoints import load_model, save_checkpoint
     from .distributed import finish
-    from .memory_bank import _progress
     from .modeling.config import get_config
-    from .training.loop import TrainConfig
+    from .progress import Progress
     from .training.memory_finetune import memory_finetune
 
     ranks, device = _join_ranks(args)
@@ -454,16 +443,7 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=torch.float32)
     data = _training_data(args, ranks.rank)
     sources = [s for s in args.sources.split(",") if s] if args.sources else None
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        seed=args.seed,
-        warmup=min(50, args.steps),
-        p_memory=args.p_memory,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-    )
+    cfg = _train_config(args, args.steps, lr=args.lr, warmup=min(50, args.steps), p_memory=args.p_memory)
     model, _ = memory_finetune(
         model,
         data,
@@ -474,8 +454,9 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
         args.k,
         memory_lr_scale=args.memory_lr_scale,
         device=device,
-        progress=_progress if ranks.main else None,
+        progress=Progress("training memory") if ranks.main else None,
         ranks=ranks,
+        resume=not args.no_resume,
     )
     if ranks.main:
         out = save_checkpoint(
@@ -541,7 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="MemorizingSAM: interactive 3D segmentation with SAM-Med3D / FastSAM3D / Memorizing SAM models.",
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    # Options of the commands that run data-parallel under torchrun.
+    # Options several sub-commands share, as parent parsers.
+    dev = argparse.ArgumentParser(add_help=False)
+    dev.add_argument("--device", help="cpu or cuda (default: cuda if available; under torchrun each rank's own GPU)")
+    # The commands that run data-parallel under torchrun.
     dist = argparse.ArgumentParser(add_help=False)
     dist.add_argument(
         "--dist-timeout",
@@ -550,9 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="under torchrun: seconds a collective may wait for the other ranks before the job stops with an error",
     )
+    # The three training commands.
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument("--data", required=True, help="a 'memsam data fetch' folder; its train split is used")
+    training.add_argument("--split", default="train")
+    training.add_argument("--batch", type=int, default=2, help="global batch (split over the ranks under torchrun)")
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--log-every", type=int, default=10)
+    training.add_argument("--checkpoint-every", type=int, default=100)
+    training.add_argument("--no-resume", action="store_true", help="start over instead of continuing a run in OUT")
+    training.add_argument("--out", required=True, help="run folder")
+    _add_mix_options(training)
 
     p = sub.add_parser(
         "segment",
+        parents=[dev],
         help="segment one structure of an image from points and boxes; write a labelmap with the image's geometry",
         description="Points and boxes are physical coordinates in mm, RAS (Slicer's convention) by default, LPS "
         "(SimpleITK/DICOM) with --coords lps, or voxel indices (i, j, k) in the image's own order with --coords ijk. "
@@ -565,7 +561,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", choices=["ras", "lps", "ijk"], default="ras")
     p.add_argument("--model", help="checkpoint (default: the shipped default model)")
     p.add_argument("--memory", help="memory bank built for the model")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="labelmap to write (.nii.gz, .nrrd)")
     p.set_defaults(func=_cmd_segment)
 
@@ -583,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "build-memory",
-        parents=[dist],
+        parents=[dev, dist],
         help="build a memory bank from labelled volumes (one entry per structure per case)",
         description="Each label value of each case becomes one entry: the model-space crop centred at the "
         "structure's interior-most voxel, the memory layer's keys/values (fp16) and a retrieval descriptor. "
@@ -598,12 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bank file to write (atomically)")
     p.add_argument("--label-names", help="JSON {value: name}; default: dataset.json beside the images folder")
     p.add_argument("--layer", type=int, help="encoder block to store (default: the model config's memory layer)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_build_memory)
 
     p = sub.add_parser(
         "train",
-        parents=[dist],
+        parents=[dev, dist, training],
         help="interactive training (simulated clicks, previous logits fed back), with checkpoints and resume",
         description="Trains a named config (or continues --init) on the train split of a 'memsam data fetch' "
         "folder. Writes OUT/train_last.pt (our checkpoint format), OUT/train_last.state.pt (optimizer, RNG) and "
@@ -611,25 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default="memsam_small_teacher", help="model config name")
     p.add_argument("--init", help="start from this checkpoint instead of random weights")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="train")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--max-clicks", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--keep-every", type=int, default=0, help="also keep fp16 weights every N steps (curves)")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", required=True, help="run folder")
-    _add_mix_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "distill",
-        parents=[dist],
+        parents=[dev, dist, training],
         help="layer-wise progressive distillation of a student encoder from a teacher, then decoder fine-tuning",
         description="Student block i learns teacher block 2i+1; layers join the loss progressively (stage s trains "
         "blocks 0..s-1, the image embedding joins in the last stage); the teacher is frozen. Then the prompt "
@@ -637,25 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--teacher", required=True, help="teacher checkpoint")
     p.add_argument("--student-config", default="memsam_tiny_student")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="train")
     p.add_argument("--steps", type=int, default=600, help="distillation steps")
     p.add_argument("--finetune-steps", type=int, default=200, help="decoder fine-tuning steps (0: none)")
     p.add_argument("--finetune-lr", type=float, default=2e-4)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--no-resume", action="store_true", help="start over instead of continuing a run in OUT")
     p.add_argument("--half", action="store_true", help="store the student's weights in fp16")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", required=True, help="run folder")
-    _add_mix_options(p)
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser(
         "finetune-memory",
-        parents=[dist],
+        parents=[dev, dist, training],
         help="fine-tune a model with memory attention active so that it uses a memory bank",
         description="Converts the model to a config with learned memory gates and mask-aware memory values, builds "
         "an in-RAM memory of the training structures (from --sources), and trains with the interactive loop; a "
@@ -664,25 +638,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="checkpoint to start from (e.g. a distilled student)")
     p.add_argument("--config", default="memsam_tiny_memory", help="memory config of the same shapes")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="train")
     p.add_argument("--sources", default="pyradiomics,mricron", help="comma list of sources the memory holds")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--k", type=int, default=3, help="neighbours retrieved")
     p.add_argument("--p-memory", type=float, default=0.5, help="share of samples trained with memory")
     p.add_argument("--memory-lr-scale", type=float, default=10.0, help="learning-rate factor of the new memory weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", required=True, help="run folder")
-    _add_mix_options(p)
     p.set_defaults(func=_cmd_finetune_memory)
 
-    p = sub.add_parser("serve", help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)")
+    p = sub.add_parser(
+        "serve", parents=[dev], help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)"
+    )
     p.add_argument("--model", help="checkpoint (default: the shipped default model)")
     p.add_argument("--memory", help="memory bank for the model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -698,7 +665,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--header-timeout", type=float, default=10.0, help="seconds a request's headers may take to arrive (default 10)"
     )
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--threads", type=int, help="CPU threads for the model (default: torch's, one per core); less on a shared host"
     )
@@ -714,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        parents=[dist],
+        parents=[dev, dist],
         help="simulated-click evaluation: Dice after each click, NoC, latency; JSON and PNGs",
         description="Click 1 at the target's interior-most voxel, each next click at the interior-most voxel of the "
         "largest error region (include where under-segmented). Our protocol: the crop follows the clicks as in a "
@@ -742,7 +708,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--montage", type=int, default=6, help="cases in the PNG montage")
     p.add_argument("--out", default="out/eval", help="folder for JSON and PNGs")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_evaluate)
     return ap
 

@@ -1,4 +1,5 @@
-"""RemoteSession: the InteractiveSession calls, served by ``memsam serve`` over HTTP (standard library only).
+"""RemoteSession: the InteractiveSession calls, served by ``memsam serve`` over HTTP (numpy and the standard
+library only: no torch, SimpleITK only to read a file or a SimpleITK image).
 
 It keeps a local copy of each segment's mask and applies the changed regions the server returns, so ``mask()``
 costs no round trip. Coordinates as in InteractiveSession: (i, j, k) voxel indices of the volume.
@@ -13,11 +14,9 @@ import os
 import urllib.parse
 
 import numpy as np
-import SimpleITK as sitk
 
-from .paste import Region
-from .server import decode_region_into, prompt_from_json, prompt_to_json
-from .session import Prompt
+from .prompts import Prompt, Region
+from .wire import decode_region_into, prompt_from_json, prompt_to_json
 
 
 class RemoteError(RuntimeError):
@@ -89,11 +88,16 @@ class RemoteSession:
         return self._request("GET", "/info")
 
     def set_image(self, image, spacing=None, origin=None, direction=None) -> dict:
-        """A path, a SimpleITK image or a [k, j, i] array (with spacing/origin/direction), uploaded once."""
+        """A path, a SimpleITK image or a [k, j, i] array (with spacing/origin/direction), uploaded once.
+        SimpleITK is imported only for the first two: a viewer that passes arrays needs numpy alone."""
         if isinstance(image, (str, os.PathLike)):
+            import SimpleITK as sitk
+
             image = sitk.ReadImage(str(image))
         buf = io.BytesIO()
-        if isinstance(image, sitk.Image):
+        if hasattr(image, "GetSpacing"):  # a SimpleITK image
+            import SimpleITK as sitk
+
             arr = sitk.GetArrayViewFromImage(image)
             spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
         else:

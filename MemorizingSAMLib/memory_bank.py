@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -381,15 +380,6 @@ def interior_point(mask: np.ndarray) -> np.ndarray:
     return np.array([i, j, k], dtype=np.float64)
 
 
-def _progress(done: int, total: int, what: str, stream=sys.stderr) -> None:
-    width = 30
-    fill = int(width * done / max(total, 1))
-    stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {what[:40]:40s}")
-    if done == total:
-        stream.write("\n")
-    stream.flush()
-
-
 def token_foreground(mask_crop: np.ndarray, patch: int) -> np.ndarray:
     """Fraction of each token's patch inside the structure: (S, S, S) crop mask in [0, 1], indexed [x, y, z]
     -> (G^3,) float32 in the encoder's token order (x slowest, z fastest)."""
@@ -469,7 +459,7 @@ def build_bank(
     out: str | os.PathLike = "bank.msam",
     layer: int | None = None,
     min_voxels: int = 20,
-    progress: Callable[[int, int, str], None] | None = _progress,
+    progress: Callable[[int, int, str], None] | None = None,
     ranks=None,
 ) -> Path | None:
     """Build a bank from (case name, image, label map[, label values to use]) tuples: one entry per structure

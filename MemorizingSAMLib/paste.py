@@ -17,36 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGrid, Geometry, ijk_to_crop_affine
-
-
-@dataclass(frozen=True)
-class Region:
-    """A box of voxels of the volume, half-open index ranges [lo, hi) in (i, j, k) order."""
-
-    lo: tuple[int, int, int]
-    hi: tuple[int, int, int]
-
-    @property
-    def slices(self) -> tuple[slice, slice, slice]:
-        """numpy slices of a [k, j, i] array."""
-        return (slice(self.lo[2], self.hi[2]), slice(self.lo[1], self.hi[1]), slice(self.lo[0], self.hi[0]))
-
-    @property
-    def empty(self) -> bool:
-        return any(h <= l for l, h in zip(self.lo, self.hi))
-
-    @property
-    def voxels(self) -> int:
-        return 0 if self.empty else int(np.prod(np.subtract(self.hi, self.lo)))
-
-    def union(self, other: Region | None) -> Region:
-        if other is None or other.empty:
-            return self
-        if self.empty:
-            return other
-        return Region(
-            tuple(min(a, b) for a, b in zip(self.lo, other.lo)), tuple(max(a, b) for a, b in zip(self.hi, other.hi))
-        )
+from .prompts import Region
 
 
 def crop_box_to_region(geom: Geometry, grid: CropGrid, lo_xyz, hi_xyz) -> Region:

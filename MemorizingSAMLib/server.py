@@ -23,7 +23,6 @@ gets a 4xx naming the problem and the server keeps serving. One model, one model
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import io
 import os
@@ -33,7 +32,6 @@ import tempfile
 import threading
 import time
 import zipfile
-import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -43,7 +41,8 @@ import SimpleITK as sitk
 import torch
 
 try:  # optional dependency (pip install MemorizingSAMLib[server]); imported here so FastAPI can resolve annotations
-    from fastapi import Body, FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 except ImportError:  # pragma: no cover - reported by create_app
@@ -51,8 +50,22 @@ except ImportError:  # pragma: no cover - reported by create_app
 
 from .capabilities import capabilities
 from .geometry import ImageError, ImageTooLarge, check_file, image_from_array, validate_image
-from .paste import Region
-from .session import InteractiveSession, Prompt, PromptError, SessionOptions
+from .prompts import Prompt
+from .server_models import (
+    BoxIn,
+    ClickOut,
+    DeletedOut,
+    HealthOut,
+    InfoOut,
+    PointIn,
+    PromptIn,
+    PromptsIn,
+    SegmentOut,
+    SessionOut,
+    validation_message,
+)
+from .session import InteractiveSession, PromptError, SessionOptions
+from .wire import encode_region, prompt_to_json
 
 # A refused upload is read to its end (up to this many bytes more) before the answer: a server that answers and
 # closes while the client is still sending makes the client's send fail ("Broken pipe": 18 of 300 uploads of 1 MB
@@ -83,50 +96,6 @@ class ServerLimits:
     idle_timeout_s: float = 3600.0
     cache_bytes_per_session: int = 256 * 2**20
     undo_bytes_per_segment: int = 64 * 2**20  # SessionOptions.max_undo_bytes of the server's sessions
-
-
-def encode_region(mask: np.ndarray, region: Region | None) -> dict | None:
-    if region is None or region.empty:
-        return None
-    data = zlib.compress(np.ascontiguousarray(mask[region.slices]).tobytes(), 1)
-    return {"lo": list(region.lo), "hi": list(region.hi), "data": base64.b64encode(data).decode()}
-
-
-def decode_region_into(mask: np.ndarray, payload: dict | None) -> Region | None:
-    if not payload:
-        return None
-    region = Region(tuple(payload["lo"]), tuple(payload["hi"]))
-    shape = tuple(h - l for l, h in zip(region.lo[::-1], region.hi[::-1]))
-    mask[region.slices] = np.frombuffer(zlib.decompress(base64.b64decode(payload["data"])), np.uint8).reshape(shape)
-    return region
-
-
-def prompt_to_json(p: Prompt) -> dict:
-    """A prompt on the wire: voxel indices (i, j, k), polarity, the box's high corner, the caller's tag."""
-    return {"ijk": list(p.ijk), "include": p.include, "box_hi": list(p.box_hi) if p.box_hi else None, "tag": p.tag}
-
-
-def _triplet(v, what: str) -> tuple[float, float, float]:
-    if (
-        not isinstance(v, list)
-        or len(v) != 3
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-    ):
-        raise ValueError(f"{what} must be three numbers, got {v!r}")
-    return tuple(float(x) for x in v)
-
-
-def prompt_from_json(d: dict) -> Prompt:
-    if not isinstance(d, dict):
-        raise ValueError(f"a prompt must be an object, got {d!r}")
-    tag = d.get("tag")
-    if tag is not None and not isinstance(tag, str):
-        raise ValueError(f"a prompt's tag must be a string, got {tag!r}")
-    include = d.get("include", True)
-    if not isinstance(include, bool):
-        raise ValueError(f"'include' must be true or false, got {include!r}")
-    box_hi = _triplet(d["box_hi"], "box_hi") if d.get("box_hi") is not None else None
-    return Prompt(_triplet(d.get("ijk"), "ijk"), include, box_hi, tag)
 
 
 NPZ_DTYPES = {np.dtype(t) for t in ("u1", "i1", "u2", "i2", "u4", "i4", "f4", "f8")}
@@ -231,22 +200,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _ijk(body: dict, key: str) -> list[float]:
-    v = body.get(key)
-    if (
-        not isinstance(v, list)
-        or len(v) != 3
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-    ):
-        raise HTTPException(422, f"'{key}' must be a list of three numbers [i, j, k], got {v!r}")
-    return [float(x) for x in v]
-
-
-def _flag(body: dict, key: str, default: bool) -> bool:
-    v = body.get(key, default)
-    if not isinstance(v, bool):
-        raise HTTPException(422, f"'{key}' must be true or false, got {v!r}")
-    return v
+def _prompt(p: PromptIn) -> Prompt:
+    return Prompt(
+        tuple(float(v) for v in p.ijk), p.include, tuple(float(v) for v in p.box_hi) if p.box_hi else None, p.tag
+    )
 
 
 def create_app(
@@ -327,11 +284,15 @@ def create_app(
         except (PromptError, ImageError, ValueError) as e:
             raise HTTPException(422, str(e)) from None
 
-    @app.get("/health")
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
+
+    @app.get("/health", response_model=HealthOut)
     def health():
         return {"status": "ok"}
 
-    @app.get("/info")
+    @app.get("/info", response_model=InfoOut)
     def info():
         return {
             "model": model.cfg.name,
@@ -343,7 +304,16 @@ def create_app(
             "cpu": capabilities().to_json(),
         }
 
-    @app.post("/sessions")
+    upload_body = {
+        "requestBody": {
+            "required": True,
+            "description": "the volume: a NIfTI / NRRD / MHA file's bytes, or an .npz with array [k, j, i], spacing, "
+            "origin and direction (LPS)",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    }
+
+    @app.post("/sessions", response_model=SessionOut, openapi_extra=upload_body)
     async def create(request: Request, format: str = "nii.gz"):
         body = bytearray()
         received = 0
@@ -397,41 +367,37 @@ def create_app(
             "direction": list(g.direction_lps),
         }
 
-    @app.post("/sessions/{sid}/segments")
+    @app.post("/sessions/{sid}/segments", response_model=SegmentOut)
     def add_segment(sid: str, name: str | None = None):
         e = get(sid)
         return {"segment": run(lambda: e["session"].add_segment(name))}
 
-    @app.post("/sessions/{sid}/segments/{seg}/points")
-    def add_point(sid: str, seg: int, body: dict = Body(...)):
+    @app.post("/sessions/{sid}/segments/{seg}/points", response_model=ClickOut)
+    def add_point(sid: str, seg: int, body: PointIn):
         e = get(sid)
         segment_of(e, seg)
-        ijk, include = _ijk(body, "ijk"), _flag(body, "include", True)
+        ijk, include = [float(v) for v in body.ijk], body.include
         room(e, seg, 1)
         region = run(lambda: e["session"].add_point(ijk, include, seg))
         return region_reply(e, seg, region)
 
-    @app.post("/sessions/{sid}/segments/{seg}/boxes")
-    def add_box(sid: str, seg: int, body: dict = Body(...)):
+    @app.post("/sessions/{sid}/segments/{seg}/boxes", response_model=ClickOut)
+    def add_box(sid: str, seg: int, body: BoxIn):
         e = get(sid)
         segment_of(e, seg)
-        lo, hi = _ijk(body, "ijk_min"), _ijk(body, "ijk_max")
+        lo, hi = [float(v) for v in body.ijk_min], [float(v) for v in body.ijk_max]
         room(e, seg, 1)
         return region_reply(e, seg, run(lambda: e["session"].add_box(lo, hi, seg)))
 
-    @app.post("/sessions/{sid}/segments/{seg}/prompts")
-    def set_prompts(sid: str, seg: int, body: dict = Body(...)):
+    @app.post("/sessions/{sid}/segments/{seg}/prompts", response_model=ClickOut)
+    def set_prompts(sid: str, seg: int, body: PromptsIn):
         e = get(sid)
         segment_of(e, seg)
-        given = body.get("prompts")
-        if not isinstance(given, list):
-            raise HTTPException(422, "body needs 'prompts': a list of prompts")
-        if len(given) > limits.max_prompts_per_segment:
-            raise HTTPException(422, f"{len(given)} prompts exceed the limit of {limits.max_prompts_per_segment}")
-        try:
-            prompts = [prompt_from_json(p) for p in given]
-        except (KeyError, TypeError, ValueError) as err:
-            raise HTTPException(422, f"malformed prompts: {err}") from None
+        if len(body.prompts) > limits.max_prompts_per_segment:
+            raise HTTPException(
+                422, f"{len(body.prompts)} prompts exceed the limit of {limits.max_prompts_per_segment}"
+            )
+        prompts = [_prompt(p) for p in body.prompts]
         placed = e["session"].placed(seg)
         same = next((i for i, (a, b) in enumerate(zip(placed, prompts)) if a != b), min(len(placed), len(prompts)))
         if len(prompts) - same > limits.max_prompts_per_request:
@@ -449,9 +415,9 @@ def create_app(
             segment_of(e, seg)
             return region_reply(e, seg, run(lambda: getattr(e["session"], action)(seg)))
 
-        app.post(f"/sessions/{{sid}}/segments/{{seg}}/{action}")(handler)
+        app.post(f"/sessions/{{sid}}/segments/{{seg}}/{action}", response_model=ClickOut)(handler)
 
-    @app.delete("/sessions/{sid}")
+    @app.delete("/sessions/{sid}", response_model=DeletedOut)
     def delete(sid: str):
         get(sid)
         with lock:

@@ -36,38 +36,12 @@ from .geometry import (
 )
 from .modeling.prepared import PreparedEmbedding
 from .modeling.sam3d import Sam3D
-from .paste import PasteScratch, Region, positive_region, sample_tiles
+from .paste import PasteScratch, positive_region, sample_tiles
+from .prompts import Prompt, PromptError, Region
 
 OVERLAP_POLICIES = ("allow", "protect")
 BOX_STRATEGIES = ("center_click", "center_click_mask_prompt")
 PRODUCT_DTYPES = (None, "bfloat16")
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be used (outside the image, degenerate box, no segment ...)."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A click (``box_hi`` None) at continuous index ``ijk``, or a box [ijk, box_hi] (inclusive voxel corners).
-
-    ``tag`` is the caller's name for the prompt (a viewer's control-point id, say): the model never sees it, the
-    session keeps it through undo and redo (:meth:`InteractiveSession.placed`), and two prompts are the same prompt
-    only if their tags are equal too."""
-
-    ijk: tuple[float, float, float]
-    include: bool = True
-    box_hi: tuple[float, float, float] | None = None
-    tag: str | None = None
-
-    @property
-    def is_box(self) -> bool:
-        return self.box_hi is not None
-
-    @property
-    def centre(self) -> np.ndarray:
-        c = np.asarray(self.ijk, dtype=np.float64)
-        return c if self.box_hi is None else (c + np.asarray(self.box_hi)) / 2
 
 
 @dataclass

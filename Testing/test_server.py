@@ -5,7 +5,6 @@ import io
 import json
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ import torch
 from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
 from MemorizingSAMLib.client import RemoteError, RemoteSession
 from MemorizingSAMLib.modeling import build_sam3d
+from MemorizingSAMLib.server_process import ServerProcess, free_port
 from MemorizingSAMLib.session import InteractiveSession, Prompt
 
 TOKEN = "s3cret-token"
@@ -34,12 +34,6 @@ def volume(seed=0):
     v = rng.normal(100, 10, (24, 48, 56)).astype(np.float32)
     v[6:18, 12:36, 14:40] += 300
     return v
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,38 +48,8 @@ def ckpt(tmp_path_factory):
 
 def start_server(ckpt, token_file, *extra):
     """A real ``memsam serve`` process on a free port of 127.0.0.1, once it answers: (process, url)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "MemorizingSAMLib.cli",
-            "serve",
-            "--model",
-            str(ckpt),
-            "--port",
-            str(port),
-            "--token-file",
-            str(token_file),
-            "--device",
-            "cpu",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1).read()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read()) from None
-            time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError("the server did not answer within 30 s")
+    server = ServerProcess(["--model", ckpt, "--token-file", token_file, "--device", "cpu", *extra]).start()
+    return server, server.url
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +66,7 @@ def server(ckpt, token_file):
     threads = str(torch.get_num_threads())
     proc, url = start_server(ckpt, token_file, "--max-upload-mb", "1", "--max-sessions", "12", "--threads", threads)
     yield url
-    proc.terminate()
-    proc.wait(10)
+    proc.stop()
 
 
 def local_masks(ckpt, clicks, seed=0):
@@ -130,7 +93,20 @@ def test_info_and_schema(server):
     assert info["model"] == "memsam_tiny_student" and info["limits"]["max_upload_bytes"] == 2**20
     assert info["threads"] == torch.get_num_threads()
     schema = json.loads(urllib.request.urlopen(server + "/openapi.json").read())
-    assert "/sessions/{sid}/segments/{seg}/points" in schema["paths"]
+    paths = schema["paths"]
+    assert "/sessions/{sid}/segments/{seg}/points" in paths
+    # every answer and every body is documented (pydantic models), the upload as binary
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            answer = op["responses"]["200"]["content"]["application/json"]["schema"]
+            assert answer.get("$ref") or answer.get("properties"), (method, path)
+    bodies = {
+        p: paths[p]["post"]["requestBody"]["content"] for p in paths if p.endswith(("points", "boxes", "prompts"))
+    }
+    assert len(bodies) == 3 and all("$ref" in b["application/json"]["schema"] for b in bodies.values())
+    assert paths["/sessions"]["post"]["requestBody"]["content"]["application/octet-stream"]
+    point = schema["components"]["schemas"]["PointIn"]
+    assert point["properties"]["include"]["type"] == "boolean" and point["required"] == ["ijk"]
 
 
 def test_threads_and_undo_options_reach_the_sessions(ckpt, token_file, memsam):
@@ -151,8 +127,7 @@ def test_threads_and_undo_options_reach_the_sessions(ckpt, token_file, memsam):
         r.undo()  # ... and with no room for more, it was the only one
         assert np.array_equal(r.mask(), masks[1])
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
     for bad in (("--threads", "0"), ("--max-undo-mb", "-1")):
         r = memsam("serve", "--model", ckpt, *bad, "--port", free_port())
         assert r.returncode != 0 and bad[0] in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -419,8 +394,7 @@ def test_uploads_left_by_a_killed_server_are_removed(ckpt, token_file):
         mine = [p for p in Path(tempfile.gettempdir()).glob(f"memsam-serve-{proc.pid}-*")]
         assert len(mine) == 1 and not any(mine[0].iterdir())
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
 
 
 def test_slow_headers_are_cut_off_and_normal_clients_are_not(ckpt, token_file):
@@ -446,8 +420,7 @@ def test_slow_headers_are_cut_off_and_normal_clients_are_not(ckpt, token_file):
         assert r.info()["model"]  # the same kept-alive connection, its next request in time
         r.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
 
 
 def test_chunked_json_bodies_are_bounded_too(server):

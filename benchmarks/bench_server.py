@@ -11,11 +11,8 @@ in-process InteractiveSession. Model: the shipped default (or --model).
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ from MemorizingSAMLib.checkpoints import load_model  # noqa: E402
 from MemorizingSAMLib.client import RemoteSession  # noqa: E402
 from MemorizingSAMLib.datasets import fetch_pyradiomics_data  # noqa: E402
 from MemorizingSAMLib.resources import default_model_path  # noqa: E402
+from MemorizingSAMLib.server_process import ServerProcess  # noqa: E402
 from MemorizingSAMLib.session import InteractiveSession  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,32 +48,9 @@ def main() -> None:
         ((float(i + rng.integers(-15, 16)), float(j + rng.integers(-15, 16)), float(k)), n % 3 != 2)
         for n in range(args.clicks + 1)
     ]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "MemorizingSAMLib.cli",
-            "serve",
-            "--model",
-            model_path,
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(["--model", model_path, "--device", "cpu"]).start()
+    url = server.url
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.1)
         remote = RemoteSession(url)
         remote.set_image(img)
         remote.add_segment()
@@ -88,8 +63,7 @@ def main() -> None:
         remote_mask = remote.mask().copy()
         remote.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
     local = InteractiveSession(load_model(model_path).prepare_for_inference())
     local.set_image(img)
     local.add_segment()

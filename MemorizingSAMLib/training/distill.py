@@ -26,18 +26,13 @@ from ..distributed import Ranks, barrier
 from ..fileio import atomic_write
 from ..modeling.sam3d import Sam3D
 from .data import AugmentConfig, TrainingData
-from .loop import sample_rng
+from .loop import RunConfig, sample_rng
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(RunConfig):
     steps: int = 600
-    batch: int = 2
     lr: float = 5e-4
-    weight_decay: float = 0.01
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
 
 
 def layer_mapping(student: Sam3D, teacher: Sam3D) -> list[tuple[int, int]]:

@@ -33,16 +33,25 @@ from .mixed import MixedTrainingData
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class RunConfig:
+    """What every training run has: length, global batch (split over the ranks under torchrun), AdamW, seed,
+    and how often it logs and checkpoints."""
+
     steps: int = 1000
     batch: int = 2
     lr: float = 4e-4
     weight_decay: float = 0.01
-    warmup: int = 50
-    max_clicks: int = 5
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """The interactive loop's run: warm-up, clicks per sample and what is trained."""
+
+    warmup: int = 50
+    max_clicks: int = 5
     # Also keep the weights every this many steps as {tag}_step{N}.pt (for held-out curves; 0: never).
     keep_every: int = 0
     train_encoder: bool = True

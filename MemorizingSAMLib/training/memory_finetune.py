@@ -170,6 +170,7 @@ def memory_finetune(
     device=None,
     progress: Callable[[int, int, str], None] | None = None,
     ranks: Ranks | None = None,
+    resume: bool = True,
 ) -> tuple[Sam3D, Path]:
     """Convert ``model`` to ``memory_config`` (unless it already is one), build the training memory from
     ``data``'s targets of ``sources``, and train with memory active for ``cfg.p_memory`` of the samples; the
@@ -198,7 +199,17 @@ def memory_finetune(
     # No axis flips: the same-position bias relates crop positions, which a flipped sample would scramble.
     aug = aug or AugmentConfig(flip=False)
     ck = train(
-        model, data, out_dir, cfg, aug, device, params=params, tag="memory", memory=mem.provider_for, ranks=ranks
+        model,
+        data,
+        out_dir,
+        cfg,
+        aug,
+        device,
+        resume=resume,
+        params=params,
+        tag="memory",
+        memory=mem.provider_for,
+        ranks=ranks,
     )
     model.requires_grad_(True)
     return model, ck
