@@ -28,6 +28,8 @@ class RemoteError(RuntimeError):
 
 
 class RemoteSession:
+    """A SegmentationSession (protocol.py) whose model runs in ``memsam serve`` at ``url``."""
+
     def __init__(self, url: str, token: str | None = None, timeout: float = 120.0):
         self.url = url.rstrip("/")
         parts = urllib.parse.urlsplit(self.url)
@@ -132,6 +134,14 @@ class RemoteSession:
         self.masks[seg] = np.zeros(self.size[::-1], np.uint8)
         self.active = seg
         return seg
+
+    def remove_segment(self, segment: int) -> None:
+        """Forget a segment on the server and here."""
+        self._request("DELETE", f"/sessions/{self.sid}/segments/{segment}")
+        self.masks.pop(segment, None)
+        self._placed.pop(segment, None)
+        if getattr(self, "active", None) == segment:
+            self.active = None
 
     def _apply(self, seg: int, reply: dict) -> Region | None:
         self.last_timing = reply.get("timing") or {}

@@ -417,6 +417,13 @@ def create_app(
 
         app.post(f"/sessions/{{sid}}/segments/{{seg}}/{action}", response_model=ClickOut)(handler)
 
+    @app.delete("/sessions/{sid}/segments/{seg}", response_model=SegmentOut)
+    def remove_segment(sid: str, seg: int):
+        e = get(sid)
+        segment_of(e, seg)
+        run(lambda: e["session"].remove_segment(seg))
+        return {"segment": seg}
+
     @app.delete("/sessions/{sid}", response_model=DeletedOut)
     def delete(sid: str):
         get(sid)

@@ -175,6 +175,16 @@ class Segment:
         return step
 
 
+@dataclass
+class DecoderInputs:
+    """One decode's prompt tensors in crop space (see InteractiveSession._decoder_inputs)."""
+
+    points: torch.Tensor | None  # (1, N, 3) crop voxel coordinates (x, y, z)
+    labels: torch.Tensor | None  # (1, N) 1 include / 0 exclude
+    boxes: torch.Tensor | None  # (1, 2, 3) corners, models with box embeddings only
+    mask: torch.Tensor  # (1, 1, L, L, L) mask prompt (previous low-res logits)
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """Behaviour switches of a session.
@@ -432,32 +442,53 @@ class InteractiveSession:
         return all(crop.contains(crop.ras_to_crop(self.geometry.ijk_to_ras(p)), margin=m) for p in pts)
 
     def _predict(self, state: PromptState, newest: Prompt, low_override) -> tuple[PromptState, torch.Tensor]:
-        """One model step for ``state.prompts`` (``newest`` last); moves the crop if ``newest`` is outside it."""
-        crop, low_prev = state.crop, state.low_res
-        prompts = state.prompts
+        """One model step for ``state.prompts`` (``newest`` last): place the crop, pick the prompts the decoder
+        sees, build its inputs, decode."""
+        crop, prompts, low_prev = self._place_crop(state, newest)
+        emb = self._embedding(crop)
+        inputs = self._decoder_inputs(
+            crop, prompts, self._select_prompts(prompts), state.locked, low_prev, low_override
+        )
+        with torch.inference_mode():
+            up = None if self.options.product_dtype is None else getattr(torch, self.options.product_dtype)
+            low, _ = self.model.decode(
+                emb, inputs.points, inputs.labels, inputs.mask, boxes=inputs.boxes, iou=False, product_dtype=up
+            )
+        return PromptState(crop=crop, prompts=prompts, low_res=low, locked=state.locked), low
+
+    def _place_crop(self, state: PromptState, newest: Prompt):
+        """The crop for ``state.prompts`` after ``newest``: kept while ``newest`` lies inside it (or it is locked),
+        else centred on ``newest`` with the previous logits shifted into it and the prompts outside it dropped.
+        A new box replaces the segment's earlier box. Returns (crop, prompts, previous low-res logits or None)."""
+        crop, low_prev, prompts = state.crop, state.low_res, state.prompts
         if newest.is_box:
-            # One box per segment: the new one replaces any earlier box.
             prompts = tuple(p for p in prompts[:-1] if not p.is_box) + (newest,)
-        if state.locked:
-            pass
-        elif crop is None or not self._in_crop(crop, newest) or newest.is_box:
+        if not state.locked and (crop is None or not self._in_crop(crop, newest) or newest.is_box):
             new_crop = self._new_crop_for(newest)
             if crop is not None and low_prev is not None:
                 low_prev = self._shift_logits(low_prev, crop, new_crop)
             crop = new_crop
             prompts = tuple(p for p in prompts if self._in_crop(crop, p))
-        emb = self._embedding(crop)
+        return crop, prompts, low_prev
+
+    def _select_prompts(self, prompts: tuple[Prompt, ...]) -> list[Prompt]:
+        """What the decoder sees: the box and the newest ``max_points`` clicks (or the newest prompt only)."""
         if self.options.newest_click_only:
-            use = prompts[-1:]
-        else:
-            # By position, not equality: a click repeated at the same spot is still one of the newest only once.
-            clicks = [i for i, p in enumerate(prompts) if not p.is_box]
-            recent = set(clicks[-self.options.max_points :])
-            use = [p for i, p in enumerate(prompts) if p.is_box or i in recent]
+            return list(prompts[-1:])
+        # By position, not equality: a click repeated at the same spot is still one of the newest only once.
+        clicks = [i for i, p in enumerate(prompts) if not p.is_box]
+        recent = set(clicks[-self.options.max_points :])
+        return [p for i, p in enumerate(prompts) if p.is_box or i in recent]
+
+    def _decoder_inputs(
+        self, crop: CropGrid, prompts, use: list[Prompt], locked: bool, low_prev, low_override
+    ) -> DecoderInputs:
+        """Crop-space tensors for the decoder: points (1, N, 3) in crop voxels (x, y, z) and labels (1, N), the
+        box corners (1, 2, 3) for models with box embeddings (else the box is its centre click), and the mask
+        prompt (1, 1, L, L, L): the override, the previous logits, the box as logits, or zeros."""
         # Voxel indices first, then one coordinate transform for all of them (per-point numpy calls add up to
         # ~0.2 ms per click for 10 clicks right after the decoder has flushed the caches).
         ijk, labels, clip, boxes = [], [], [], None
-        box = next((p for p in prompts if p.is_box), None)
         for p in use:
             if p.is_box:
                 if self.model.prompt_encoder.supports_boxes:
@@ -470,7 +501,8 @@ class InteractiveSession:
             else:
                 ijk.append(p.ijk)
                 labels.append(1 if p.include else 0)
-                clip.append(state.locked)  # a locked crop keeps clicks on its faces
+                clip.append(locked)  # a locked crop keeps clicks on its faces
+        box = next((p for p in prompts if p.is_box), None)
         lr = self.model.low_res_size
         if low_override is not None:
             mask_in = low_override
@@ -487,10 +519,7 @@ class InteractiveSession:
             xyz[clip] = np.clip(xyz[clip], 0, crop.size - 1)
             pts = torch.as_tensor(xyz, dtype=self.dtype, device=self.device)[None]
             lab = torch.as_tensor(labels, device=self.device)[None]
-        with torch.inference_mode():
-            up = None if self.options.product_dtype is None else getattr(torch, self.options.product_dtype)
-            low, _ = self.model.decode(emb, pts, lab, mask_in.to(self.dtype), boxes=boxes, iou=False, product_dtype=up)
-        return PromptState(crop=crop, prompts=prompts, low_res=low, locked=state.locked), low
+        return DecoderInputs(pts, lab, boxes, mask_in.to(self.dtype))
 
     def _box_logits(self, box: Prompt, crop: CropGrid) -> torch.Tensor:
         """Low-res mask prompt: +box_logit inside the box, -box_logit outside."""

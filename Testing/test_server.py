@@ -468,3 +468,37 @@ def test_health_answers_while_an_upload_is_decoded(server):
     t.join()
     assert done["status"] == 200 and done["s"] > 0.5, done
     assert len(waits) >= 3 and max(waits) < 0.5 * done["s"], (max(waits), done)
+
+
+def test_both_sessions_satisfy_one_protocol_and_evaluate_alike(server, ckpt):
+    """InteractiveSession and RemoteSession answer the same calls with the same parameters, and the evaluation
+    harness gets the same Dice per click through either."""
+    import inspect
+
+    from MemorizingSAMLib.evaluation.runner import SessionSegmenter, run_target
+    from MemorizingSAMLib.protocol import SegmentationSession
+
+    remote = RemoteSession(server, TOKEN)
+    local = InteractiveSession(load_model(ckpt).prepare_for_inference())
+    for s in (remote, local):
+        assert isinstance(s, SegmentationSession)
+    for name in [m for m in dir(SegmentationSession) if not m.startswith("_") and m != "last_timing"]:
+        want = list(inspect.signature(getattr(SegmentationSession, name)).parameters)
+        for s in (remote, local):
+            got = ["self", *inspect.signature(getattr(s, name)).parameters]
+            assert got == want, (type(s).__name__, name, got)
+
+    img = sitk.GetImageFromArray(volume(3))
+    img.SetSpacing(SPACING)
+    gt = np.zeros((24, 48, 56), np.uint8)
+    gt[6:18, 12:36, 14:40] = 1
+    results = []
+    for session in (remote, local):
+        seg = SessionSegmenter(session=session, name=type(session).__name__)
+        seg.set_image(img)
+        run_target(seg, gt, SPACING, 2)
+        results.append(run_target(seg, gt, SPACING, 4))  # the first target's segment is removed first
+        assert list(session.masks if session is remote else session.segments) == [seg.seg]
+    assert results[0]["dice"] == results[1]["dice"] and results[0]["clicks"] == results[1]["clicks"]
+    assert len(results[0]["dice"]) == 4
+    remote.close()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import slicer
@@ -27,6 +27,9 @@ from slicer.util import VTKObservationMixin
 
 from . import markups, mrml
 from .worker import ModelWorker
+
+if TYPE_CHECKING:  # the library is imported when a model loads, not when Slicer starts
+    from MemorizingSAMLib.protocol import SegmentationSession
 
 SEGMENTATION_VOLUME_ATTRIBUTE = "MemorizingSAM.Volume"
 
@@ -110,8 +113,8 @@ class SegmentationLogic(VTKObservationMixin):
         self.on_result: Callable[[str], None] = lambda segment_id: None
         self.status = ""
         self.model_description = ""
-        self._make_session: Callable[[], Any] | None = None
-        self.session = None
+        self._make_session: Callable[[], SegmentationSession] | None = None
+        self.session: SegmentationSession | None = None
         self.volume = None
         self.segmentation = None
         self.segments: dict[str, SegmentPrompts] = {}
@@ -172,9 +175,9 @@ class SegmentationLogic(VTKObservationMixin):
 
         return self.worker.submit(load, loaded)
 
-    def use_session(self, make: Callable[[], Any], description: str) -> None:
-        """Clicks run in sessions made by ``make()`` (an InteractiveSession or RemoteSession factory): a model the
-        caller loaded already."""
+    def use_session(self, make: Callable[[], SegmentationSession], description: str) -> None:
+        """Clicks run in sessions made by ``make()`` (an InteractiveSession or RemoteSession factory, or anything
+        that satisfies MemorizingSAMLib.protocol.SegmentationSession): a model the caller loaded already."""
         self._make_session, self.model_description = make, description
 
     # ---------------------------------------------------------------------------------------------- volume
@@ -192,7 +195,11 @@ class SegmentationLogic(VTKObservationMixin):
         make = self._make_session
 
         def start():
+            from MemorizingSAMLib.protocol import SegmentationSession
+
             session = make()
+            if not isinstance(session, SegmentationSession):
+                raise TypeError(f"{type(session).__name__} does not provide the SegmentationSession calls")
             session.set_image(image)
             return session
 

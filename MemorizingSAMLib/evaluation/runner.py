@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..datasets import load_dataset, targets
+from ..protocol import SegmentationSession
 from ..session import InteractiveSession, SessionOptions
 from .clicks import first_click, next_click
 from .metrics import aggregate, dice, summarise
@@ -34,17 +35,31 @@ class EvalConfig:
 
 
 class SessionSegmenter:
-    """InteractiveSession in the evaluation harness."""
+    """A session in the evaluation harness: an InteractiveSession of ``model``, or any SegmentationSession given
+    as ``session`` (a RemoteSession evaluates a server; the legacy protocol needs an InteractiveSession)."""
 
     def __init__(
-        self, model, memory=None, legacy: bool = False, name: str | None = None, product_dtype: str | None = None
+        self,
+        model=None,
+        memory=None,
+        legacy: bool = False,
+        name: str | None = None,
+        product_dtype: str | None = None,
+        session: SegmentationSession | None = None,
     ):
-        options = SessionOptions(newest_click_only=legacy, product_dtype=product_dtype)
-        self.session = InteractiveSession(model, options, memory=memory)
+        if session is None:
+            options = SessionOptions(newest_click_only=legacy, product_dtype=product_dtype)
+            session = InteractiveSession(model, options, memory=memory)
+            name = name or (
+                model.cfg.name
+                + (" +memory" if memory is not None else "")
+                + (f" {product_dtype}" if product_dtype else "")
+            )
+        elif legacy and not isinstance(session, InteractiveSession):
+            raise ValueError("the legacy protocol locks the crop: it needs an InteractiveSession")
+        self.session: SegmentationSession = session
         self.legacy = legacy
-        self.name = name or (
-            model.cfg.name + (" +memory" if memory is not None else "") + (f" {product_dtype}" if product_dtype else "")
-        )
+        self.name = name or type(session).__name__
         self.seg = None
         self.last_latency_ms = 0.0
 
