@@ -336,6 +336,16 @@ def _add_mix_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _start_training(args: argparse.Namespace):
+    """What the three training commands do first: join torchrun's ranks (if any), seed, load the training data
+    (each rank generating its own cases). Returns (ranks, device, data)."""
+    import torch
+
+    ranks, device = _join_ranks(args)
+    torch.manual_seed(args.seed)
+    return ranks, device, _training_data(args, ranks.rank)
+
+
 def _train_config(args: argparse.Namespace, steps: int, **overrides):
     """The training loop's config from the options the training commands share (the parent parser), plus
     ``overrides``."""
@@ -351,21 +361,18 @@ def _train_config(args: argparse.Namespace, steps: int, **overrides):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
 
     from .distributed import finish
     from .modeling import build_sam3d
     from .training.loop import train
 
-    ranks, device = _join_ranks(args)
-    torch.manual_seed(args.seed)
+    ranks, device, data = _start_training(args)
     if args.init:
         from .checkpoints import load_model
 
         model = load_model(args.init, config=args.config)
     else:
         model = build_sam3d(args.config)
-    data = _training_data(args, ranks.rank)
     if ranks.main:
         print(
             f"training {model.cfg.name} ({model.count_parameters():,} parameters) on {len(data)} targets"
@@ -381,7 +388,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    import torch
 
     from .checkpoints import load_model, save_checkpoint
     from .distributed import finish
@@ -389,12 +395,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from .training.distill import DistillConfig, distill_encoder, init_student_from_teacher
     from .training.loop import train
 
-    ranks, device = _join_ranks(args)
-    torch.manual_seed(args.seed)
+    ranks, device, data = _start_training(args)
     teacher = load_model(args.teacher)
     student = build_sam3d(args.student_config)
     init_student_from_teacher(student, teacher)
-    data = _training_data(args, ranks.rank)
     if ranks.main:
         print(
             f"distilling {teacher.cfg.name} -> {student.cfg.name} ({student.count_parameters():,} parameters)",
@@ -438,10 +442,8 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
     from .progress import Progress
     from .training.memory_finetune import memory_finetune
 
-    ranks, device = _join_ranks(args)
-    torch.manual_seed(args.seed)
+    ranks, device, data = _start_training(args)
     model = load_model(args.model, dtype=torch.float32)
-    data = _training_data(args, ranks.rank)
     sources = [s for s in args.sources.split(",") if s] if args.sources else None
     cfg = _train_config(args, args.steps, lr=args.lr, warmup=min(50, args.steps), p_memory=args.p_memory)
     model, _ = memory_finetune(

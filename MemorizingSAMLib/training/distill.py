@@ -26,7 +26,7 @@ from ..distributed import Ranks, barrier
 from ..fileio import atomic_write
 from ..modeling.sam3d import Sam3D
 from .data import AugmentConfig, TrainingData
-from .loop import RunConfig, sample_rng
+from .loop import RunConfig, prepare_run, sample_rng
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,7 @@ def distill_encoder(
     ``out_dir/distill_last.pt`` (+ ``.state.pt``) every ``cfg.checkpoint_every`` steps; with ``resume`` an
     interrupted run continues. Under torchrun (``ranks``) the batch is split over the ranks as in loop.train."""
     cfg, aug, ranks = cfg or DistillConfig(), aug or AugmentConfig(), ranks or Ranks()
-    if cfg.batch % ranks.world:
-        raise ValueError(f"the batch ({cfg.batch}) must be a multiple of the number of processes ({ranks.world})")
-    local = cfg.batch // ranks.world
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local, out, device = prepare_run(cfg, ranks, out_dir, device)
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
     params = list(student.image_encoder.parameters())

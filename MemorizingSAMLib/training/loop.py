@@ -129,6 +129,15 @@ class _SampleLoss(torch.nn.Module):
         return interactive_sample_loss(self.model, x, y, click0, n_clicks, device, dtype, memory)
 
 
+def prepare_run(cfg: RunConfig, ranks: Ranks, out_dir: str | Path, device) -> tuple[int, Path, torch.device]:
+    """This rank's share of the batch, the run folder (made) and the device (CUDA if there is one)."""
+    if cfg.batch % ranks.world:
+        raise ValueError(f"the batch ({cfg.batch}) must be a multiple of the number of processes ({ranks.world})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg.batch // ranks.world, out, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
     """The random stream of sample ``index`` (0 .. batch-1) of ``step``: the same whichever rank draws it, so a
     run over N ranks sees the samples one process would, and a resumed run needs no sampler state."""
@@ -160,15 +169,8 @@ def train(
     are all-reduced by DistributedDataParallel, and only rank 0 writes checkpoints and logs. Samples are drawn from
     (seed, step, index in the batch), so any number of ranks trains on the same samples, and a run can be resumed
     with another number of ranks."""
-    cfg = cfg or TrainConfig()
-    aug = aug or AugmentConfig()
-    ranks = ranks or Ranks()
-    if cfg.batch % ranks.world:
-        raise ValueError(f"the batch ({cfg.batch}) must be a multiple of the number of processes ({ranks.world})")
-    local = cfg.batch // ranks.world
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg, aug, ranks = cfg or TrainConfig(), aug or AugmentConfig(), ranks or Ranks()
+    local, out, device = prepare_run(cfg, ranks, out_dir, device)
     model.to(device=device, dtype=dtype).train()
     if params is None:
         params = [p for n, p in model.named_parameters() if cfg.train_encoder or not n.startswith("image_encoder.")]
