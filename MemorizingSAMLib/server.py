@@ -23,9 +23,10 @@ gets a 4xx naming the problem and the server keeps serving. One model, one model
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
+import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -65,6 +66,7 @@ from .server_models import (
     validation_message,
 )
 from .session import InteractiveSession, PromptError, SessionOptions
+from .users import Authenticator
 from .wire import encode_region, prompt_to_json
 
 # A refused upload is read to its end (up to this many bytes more) before the answer: a server that answers and
@@ -92,7 +94,9 @@ class ServerLimits:
     header_timeout_s: float = 10.0  # request line and headers must arrive within this
     body_timeout_s: float = 300.0  # an upload must arrive within this
     max_connections: int = 256  # beyond: 503 at once (uvicorn's limit_concurrency)
-    max_sessions: int = 16
+    max_sessions: int = 16  # in all; never reached by evicting another user's session
+    max_sessions_per_user: int = 4  # a user's own least recently used session goes when they open one more
+    max_wait_s: float = 10.0  # a request that would queue longer for the model thread gets 503 + Retry-After
     idle_timeout_s: float = 3600.0
     cache_bytes_per_session: int = 256 * 2**20
     undo_bytes_per_segment: int = 64 * 2**20  # SessionOptions.max_undo_bytes of the server's sessions
@@ -206,18 +210,46 @@ def _prompt(p: PromptIn) -> Prompt:
     )
 
 
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+@dataclass
+class ModelLoad:
+    """How busy the model thread is: requests waiting or running, and the mean service time of recent ones
+    (an exponential moving average, seconds)."""
+
+    pending: int = 0
+    service_s: float = 0.0
+    served: int = 0
+
+    def record(self, seconds: float) -> None:
+        self.served += 1
+        self.service_s = seconds if self.served == 1 else 0.8 * self.service_s + 0.2 * seconds
+
+    @property
+    def expected_wait_s(self) -> float:
+        return self.pending * self.service_s
+
+
 def create_app(
     model,
     memory=None,
     token: str | None = None,
     limits: ServerLimits | None = None,
     worker: ThreadPoolExecutor | None = None,
+    auth: Authenticator | None = None,
 ):
     """The FastAPI app. ``worker``: the single thread that runs all model work; pass the one that loaded the
-    model (see ``model_thread``), so that no other thread ever starts a torch thread pool."""
+    model (see ``model_thread``), so that no other thread ever starts a torch thread pool.
+
+    Who may call: ``auth`` (a users file, users.py), or one shared ``token``, or anyone (loopback use). Each
+    session belongs to the user who made it: another user's session id is answered 404, as an unknown one."""
     if FastAPI is None:
         raise RuntimeError("the server needs FastAPI and uvicorn: pip install 'MemorizingSAMLib[server]'")
     limits = limits or ServerLimits()
+    if auth is None and token is not None:
+        auth = Authenticator(token=token)
+    load = ModelLoad()
     app = FastAPI(title="MemorizingSAM inference server", version="1")
     sessions: OrderedDict[str, dict] = OrderedDict()
     lock = threading.RLock()  # guards the session table
@@ -229,10 +261,16 @@ def create_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if token is not None and request.url.path not in ("/health", "/openapi.json", "/docs"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # Without a users file there is one user (anyone, or whoever holds the shared token): no quota below
+        # the server's own limit.
+        request.state.user, request.state.quota = "anonymous", limits.max_sessions
+        if auth is not None and request.url.path not in ("/health", "/openapi.json", "/docs"):
+            user = auth.user_for(request.headers.get("authorization", ""))
+            if user is None:
                 return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+            request.state.user = user.name
+            if auth.path is not None:
+                request.state.quota = user.max_sessions or limits.max_sessions_per_user
         n = request.headers.get("content-length")
         upload = request.url.path == "/sessions" and request.method == "POST"
         if not upload and n is not None and n.isdigit() and int(n) > limits.max_json_bytes:
@@ -252,10 +290,10 @@ def create_app(
         for sid in [s for s, v in sessions.items() if now - v["used"] > limits.idle_timeout_s]:
             del sessions[sid]
 
-    def get(sid: str) -> dict:
+    def get(sid: str, request: Request) -> dict:
         with lock:
             expire()
-            if sid not in sessions:
+            if sid not in sessions or sessions[sid]["user"] != request.state.user:
                 raise HTTPException(404, f"no session {sid!r} (expired or never created)")
             sessions.move_to_end(sid)
             sessions[sid]["used"] = time.monotonic()
@@ -279,10 +317,33 @@ def create_app(
         }
 
     def run(fn):
+        """``fn()`` on the model thread; 503 with Retry-After when it would wait longer than max_wait_s."""
+        with lock:
+            wait = load.expected_wait_s
+            if limits.max_wait_s and load.pending and wait > limits.max_wait_s:
+                raise HTTPException(
+                    503,
+                    f"the server is saturated: {load.pending} requests ahead, about {wait:.1f} s of model work",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+            load.pending += 1
+
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                dt = time.perf_counter() - t0
+                with lock:
+                    load.record(dt)
+
         try:
-            return worker.submit(fn).result()
+            return worker.submit(timed).result()
         except (PromptError, ImageError, ValueError) as e:
             raise HTTPException(422, str(e)) from None
+        finally:
+            with lock:
+                load.pending -= 1
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -300,6 +361,8 @@ def create_app(
             "memory": memory is not None,
             "limits": asdict(limits),
             "sessions": len(sessions),
+            "queue": load.pending,
+            "service_ms": round(load.service_s * 1e3, 2),
             "threads": threads,
             "cpu": capabilities().to_json(),
         }
@@ -314,7 +377,12 @@ def create_app(
     }
 
     @app.post("/sessions", response_model=SessionOut, openapi_extra=upload_body)
-    async def create(request: Request, format: str = "nii.gz"):
+    async def create(request: Request, format: str = "nii.gz", session: str | None = None):
+        if session is not None and not SESSION_ID.match(session):
+            raise HTTPException(422, "'session' must be 16-64 letters, digits, '-' or '_'")
+        with lock:
+            if session is not None and session in sessions:
+                raise HTTPException(409, f"session {session!r} exists already")
         body = bytearray()
         received = 0
 
@@ -345,20 +413,31 @@ def create_app(
         body.clear()  # the upload is decoded: its bytes go before the session is made
         from .embedding_cache import EmbeddingCache
 
-        session = InteractiveSession(
+        sess = InteractiveSession(
             model,
             SessionOptions(max_undo_bytes=limits.undo_bytes_per_segment),
             memory=memory,
             cache=EmbeddingCache(limits.cache_bytes_per_session),
         )
-        run(lambda: session.set_image(img))
-        sid = secrets.token_urlsafe(12)
+        run(lambda: sess.set_image(img))
+        # The caller may name the session (a load balancer routes by the id, so the client must know it first).
+        sid = session or secrets.token_urlsafe(16)
+        user = request.state.user
         with lock:
             expire()
-            while len(sessions) >= limits.max_sessions:
-                sessions.popitem(last=False)  # least recently used
-            sessions[sid] = {"session": session, "used": time.monotonic()}
-        g = session.geometry
+            if sid in sessions:
+                raise HTTPException(409, f"session {sid!r} exists already")
+            mine = [k for k, v in sessions.items() if v["user"] == user]  # least recently used first
+            while len(mine) >= request.state.quota:
+                del sessions[mine.pop(0)]  # the user's own oldest session makes room, never someone else's
+            if len(sessions) >= limits.max_sessions:
+                raise HTTPException(
+                    503,
+                    f"the server holds its maximum of {limits.max_sessions} sessions",
+                    headers={"Retry-After": "30"},
+                )
+            sessions[sid] = {"session": sess, "used": time.monotonic(), "user": user}
+        g = sess.geometry
         return {
             "session": sid,
             "size": list(g.size),
@@ -368,13 +447,13 @@ def create_app(
         }
 
     @app.post("/sessions/{sid}/segments", response_model=SegmentOut)
-    def add_segment(sid: str, name: str | None = None):
-        e = get(sid)
+    def add_segment(request: Request, sid: str, name: str | None = None):
+        e = get(sid, request)
         return {"segment": run(lambda: e["session"].add_segment(name))}
 
     @app.post("/sessions/{sid}/segments/{seg}/points", response_model=ClickOut)
-    def add_point(sid: str, seg: int, body: PointIn):
-        e = get(sid)
+    def add_point(request: Request, sid: str, seg: int, body: PointIn):
+        e = get(sid, request)
         segment_of(e, seg)
         ijk, include = [float(v) for v in body.ijk], body.include
         room(e, seg, 1)
@@ -382,16 +461,16 @@ def create_app(
         return region_reply(e, seg, region)
 
     @app.post("/sessions/{sid}/segments/{seg}/boxes", response_model=ClickOut)
-    def add_box(sid: str, seg: int, body: BoxIn):
-        e = get(sid)
+    def add_box(request: Request, sid: str, seg: int, body: BoxIn):
+        e = get(sid, request)
         segment_of(e, seg)
         lo, hi = [float(v) for v in body.ijk_min], [float(v) for v in body.ijk_max]
         room(e, seg, 1)
         return region_reply(e, seg, run(lambda: e["session"].add_box(lo, hi, seg)))
 
     @app.post("/sessions/{sid}/segments/{seg}/prompts", response_model=ClickOut)
-    def set_prompts(sid: str, seg: int, body: PromptsIn):
-        e = get(sid)
+    def set_prompts(request: Request, sid: str, seg: int, body: PromptsIn):
+        e = get(sid, request)
         segment_of(e, seg)
         if len(body.prompts) > limits.max_prompts_per_segment:
             raise HTTPException(
@@ -410,23 +489,23 @@ def create_app(
 
     for action in ("undo", "redo", "reset"):
 
-        def handler(sid: str, seg: int, action=action):
-            e = get(sid)
+        def handler(request: Request, sid: str, seg: int, action=action):
+            e = get(sid, request)
             segment_of(e, seg)
             return region_reply(e, seg, run(lambda: getattr(e["session"], action)(seg)))
 
         app.post(f"/sessions/{{sid}}/segments/{{seg}}/{action}", response_model=ClickOut)(handler)
 
     @app.delete("/sessions/{sid}/segments/{seg}", response_model=SegmentOut)
-    def remove_segment(sid: str, seg: int):
-        e = get(sid)
+    def remove_segment(request: Request, sid: str, seg: int):
+        e = get(sid, request)
         segment_of(e, seg)
         run(lambda: e["session"].remove_segment(seg))
         return {"segment": seg}
 
     @app.delete("/sessions/{sid}", response_model=DeletedOut)
-    def delete(sid: str):
-        get(sid)
+    def delete(request: Request, sid: str):
+        get(sid, request)
         with lock:
             sessions.pop(sid, None)
         return {"deleted": sid}
@@ -449,17 +528,24 @@ def serve(
     token: str | None = None,
     limits: ServerLimits | None = None,
     worker: ThreadPoolExecutor | None = None,
+    auth: Authenticator | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> None:
+    """Run the app with uvicorn; ``tls`` = (certificate, key) PEM files for HTTPS. Access logs stay off: no
+    request line (session ids) or header (tokens) is ever logged."""
     import uvicorn
 
     limits = limits or ServerLimits()
+    ssl = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
     uvicorn.run(
-        BodyLimit(create_app(model, memory, token, limits, worker), limits.max_json_bytes),
+        BodyLimit(create_app(model, memory, token, limits, worker, auth), limits.max_json_bytes),
         host=host,
         port=port,
         log_level="warning",
+        access_log=False,
         http=header_timeout_protocol(limits.header_timeout_s),
         limit_concurrency=limits.max_connections,
+        **ssl,
     )
 
 

@@ -88,6 +88,8 @@ class InfoOut(BaseModel):
     memory: bool
     limits: dict[str, Any]
     sessions: int
+    queue: int = Field(description="requests waiting for or running on the model thread")
+    service_ms: float = Field(description="recent mean time of one request's model work")
     threads: int
     cpu: dict[str, Any]
 

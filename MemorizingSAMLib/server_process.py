@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,8 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if "--tls-cert" in self.args else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -56,9 +58,11 @@ class ServerProcess:
         env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(cmd + self.args, stdout=subprocess.DEVNULL, stderr=self._log, env=env, text=True)
         deadline = time.monotonic() + self.startup_s
+        # Only "is it up?": the certificate is the client's business, not the starter's.
+        probe = ssl._create_unverified_context() if self.url.startswith("https") else None
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(self.url + "/health", timeout=1).read()
+                urllib.request.urlopen(self.url + "/health", timeout=1, context=probe).read()
                 return self
             except (OSError, urllib.error.URLError):
                 if self.proc.poll() is not None:
