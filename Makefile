@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv nginx test demo lint bench clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-test: venv
+# Debian's nginx for the load-balancer tests: the system's, or the package unpacked into .venv (no root, no service).
+NGINX_LOCAL := $(VENV)/nginx/usr/sbin/nginx
+nginx: venv
+	@command -v nginx >/dev/null 2>&1 || test -x $(NGINX_LOCAL) || ( mkdir -p $(VENV)/nginx && cd $(VENV)/nginx && \
+	  { apt-get download nginx 2>/dev/null || { apt-get update -qq && apt-get download nginx; }; } && \
+	  dpkg -x nginx_*.deb . && rm -f nginx_*.deb )
+
+test: venv nginx
 	$(PY) -m pytest -q Testing
 
 # The shipped default model segments the shipped sample data from simulated clicks (labelmaps, PNG, JSON in out/demo).

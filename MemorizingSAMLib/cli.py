@@ -789,16 +789,34 @@ def _glue_negative_coordinates(argv: list[str]) -> list[str]:
     return out
 
 
+# What the "model" extra brings (pyproject.toml): a command needing one of them says so instead of a traceback.
+MODEL_EXTRA = ("torch", "SimpleITK", "scipy", "tqdm", "fastapi", "uvicorn", "matplotlib", "skimage")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(_glue_negative_coordinates(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         ap.print_help(sys.stderr)
         return 2
-    from .checkpoints import CheckpointError
+    try:
+        from .checkpoints import CheckpointError
+    except ModuleNotFoundError:  # the client-only install: no checkpoint can be read, none can be wrong
+
+        class CheckpointError(Exception):
+            pass
 
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        if os.environ.get("MEMSAM_DEBUG") or e.name not in MODEL_EXTRA:
+            raise
+        print(
+            f"memsam {args.command}: error: needs {e.name}, which this install lacks (it has the remote client "
+            "only): pip install 'MemorizingSAMLib[model]'",
+            file=sys.stderr,
+        )
+        return 1
     except (UsageError, CheckpointError, FileNotFoundError, ValueError, OSError) as e:
         if os.environ.get("MEMSAM_DEBUG"):
             raise

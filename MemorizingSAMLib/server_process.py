@@ -4,6 +4,7 @@ start when they need a real server (no torch in this process: the server imports
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -96,3 +97,75 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
         self.log.unlink(missing_ok=True)
+
+
+def find_nginx() -> str | None:
+    """Debian's nginx: on PATH, or the copy `make test` unpacks into .venv/nginx (no root, no service)."""
+    import shutil
+
+    local = Path(sys.prefix) / "nginx" / "usr" / "sbin" / "nginx"
+    return os.environ.get("MEMSAM_NGINX") or shutil.which("nginx") or (str(local) if local.exists() else None)
+
+
+class NginxProcess:
+    """nginx with ``deploy/nginx.conf``, its upstreams, port and certificate replaced, in the foreground."""
+
+    def __init__(
+        self,
+        conf: str | os.PathLike,
+        upstreams: Sequence[int],
+        port: int,
+        cert: str,
+        key: str,
+        nginx: str | None = None,
+    ) -> None:
+        self.nginx = nginx or find_nginx()
+        if self.nginx is None:
+            raise RuntimeError("no nginx: install Debian's nginx, or run `make test`, which unpacks it into .venv")
+        self.dir = Path(tempfile.mkdtemp(prefix="memsam-nginx-"))
+        self.dir.chmod(0o755)  # started as root, nginx's workers run as nobody and must reach their temp folders
+        text = Path(conf).read_text()
+        lines = [f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in upstreams]
+        text = re.sub(r"(?m)^\s*server 127\.0\.0\.1:\d+ .*;\n", "", text)
+        text = text.replace("        keepalive 32;", "\n".join(lines) + "\n        keepalive 32;")
+        text = re.sub(r"listen \d+ ssl;", f"listen 127.0.0.1:{port} ssl;", text)
+        text = text.replace("/etc/ssl/memsam/cert.pem", str(cert)).replace("/etc/ssl/memsam/key.pem", str(key))
+        text = text.replace("/tmp/memsam-nginx", str(self.dir / "t"))
+        self.conf = self.dir / "nginx.conf"
+        self.conf.write_text(text)
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self._log = open(self.dir / "stderr.txt", "w")
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> NginxProcess:
+        cmd = [self.nginx, "-p", str(self.dir), "-c", str(self.conf), "-g", "daemon off;"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"nginx exited: {(self.dir / 'stderr.txt').read_text()}") from None
+                time.sleep(0.1)
+        raise RuntimeError("nginx did not listen within 20 s")
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> NginxProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
