@@ -14,7 +14,7 @@ import unittest
 
 import qt
 import slicer
-from MemorizingSAMCore import dependencies, selftest
+from MemorizingSAMCore import dependencies, remote, selftest
 from MemorizingSAMCore.logic import ModelChoice, SegmentationLogic
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -132,6 +132,15 @@ class MemorizingSAMWidget(ScriptedLoadableModuleWidget):
         self.ui.nextSegmentButton.connect("clicked()", self.onNextSegment)
         self.ui.exportButton.connect("clicked()", self.onExport)
         self.ui.downloadButton.connect("clicked()", self.onDownload)
+        # Remote mode: URL, token and certificate live in Slicer's settings (qt.QSettings), never in the scene.
+        saved = remote.load_settings(qt.QSettings())
+        self.ui.serverUrlLineEdit.text = saved.url
+        self.ui.serverTokenLineEdit.text = saved.token
+        self.ui.serverCaPathLineEdit.currentPath = saved.ca_file
+        for edit in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit):
+            edit.connect("editingFinished()", self._saveRemote)
+        self.ui.serverCaPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._saveRemote())
+        self.ui.testConnectionButton.connect("clicked()", self.onTestConnection)
         # Results of the model thread are picked up here, only while work is pending.
         self._timer = qt.QTimer()
         self._timer.setInterval(5)
@@ -183,6 +192,21 @@ class MemorizingSAMWidget(ScriptedLoadableModuleWidget):
             if not self._download[0].is_alive():
                 self._download = None
 
+    def _remoteSettings(self) -> remote.RemoteSettings:
+        return remote.RemoteSettings(
+            self.ui.serverUrlLineEdit.text, self.ui.serverTokenLineEdit.text, self.ui.serverCaPathLineEdit.currentPath
+        )
+
+    def _saveRemote(self):
+        remote.save_settings(qt.QSettings(), self._remoteSettings())
+
+    def onTestConnection(self):
+        self._saveRemote()
+        ok, message = remote.check_connection(self._remoteSettings())
+        self.ui.statusLabel.text = message
+        if ok:
+            self._modelChanged()
+
     def _modelChanged(self):
         if not ensure_dependencies():
             self.ui.statusLabel.text = "Dependencies missing: MemorizingSAM is disabled."
@@ -201,6 +225,8 @@ class MemorizingSAMWidget(ScriptedLoadableModuleWidget):
             memory=self.ui.memoryPathLineEdit.currentPath or None,
             device=self.ui.deviceComboBox.currentText,
             server_url=self.ui.serverUrlLineEdit.text.strip() or None,
+            token=self.ui.serverTokenLineEdit.text.strip() or None,
+            ca_file=self.ui.serverCaPathLineEdit.currentPath or None,
         )
         self.logic.load_model(choice)
 

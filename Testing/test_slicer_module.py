@@ -523,3 +523,66 @@ def test_widget_uses_only_widgets_the_ui_file_has():
     ui = ET.parse(MODULE / "Resources" / "UI" / "MemorizingSAM.ui")
     names = {w.get("name") for w in ui.iter("widget")}
     assert used and used <= names, used - names
+
+
+class SettingsStore(dict):
+    """Stands in for qt.QSettings, which needs Qt (not on these machines): the two calls the module makes."""
+
+    def value(self, key, default=None):
+        return self.get(key, default)
+
+    def setValue(self, key, value):  # noqa: N802 (Qt's name)
+        self[key] = value
+
+
+def test_remote_mode_sends_the_users_token_and_keeps_it_out_of_the_scene(core, tmp_path):
+    """Remote mode against a real `memsam serve` with a users file: URL and token from the settings reach the
+    server, a click is written into the segment, the saved scene holds no token; a wrong token, a server that is
+    not there and a saturated one are each said in words a user can act on."""
+    from MemorizingSAMCore import remote
+
+    from MemorizingSAMLib.client import RemoteError, RemoteSession
+    from MemorizingSAMLib.server_process import ServerProcess, free_port
+    from MemorizingSAMLib.users import add_user
+
+    token = add_user(tmp_path / "users.txt", "alice")
+    with ServerProcess(["--model", default_model_path(), "--users-file", tmp_path / "users.txt"]) as server:
+        store = SettingsStore()
+        remote.save_settings(store, remote.RemoteSettings(server.url, token))
+        settings = remote.load_settings(store)
+        assert settings == remote.RemoteSettings(server.url, token) and settings.enabled
+        ok, text = remote.check_connection(settings)
+        assert ok and "memsam_tiny_memory" in text
+
+        lg = SegmentationLogic(core.scene, core.app_logic)
+        try:
+            lg.load_model(ModelChoice(server_url=settings.url, token=settings.token)).result()
+            lg.wait()
+            assert lg.model_description == f"remote {server.url}"
+            volume, _, _, _ = oblique_volume(core)
+            lg.set_volume(volume)
+            seg = lg.add_segment()
+            selftest.click(lg, world(volume, (30, 40, 20)))
+            lg.wait()
+            mask = mrml.segment_array(lg.segmentation, seg, volume)
+            assert mask[20, 40, 30] == 1 and np.array_equal(mask, session_mask(lg, seg))
+            assert RemoteSession(server.url, token).info()["sessions"] == 1
+            core.scene.SetURL(str(tmp_path / "scene.mrml"))
+            core.scene.Commit()
+            saved = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.mrml"))
+            assert saved and token not in saved
+        finally:
+            lg.close()
+
+        ok, text = remote.check_connection(remote.RemoteSettings(server.url, "not-the-token"))
+        assert not ok and "refused the token (401)" in text
+        lg = SegmentationLogic(core.scene, core.app_logic)
+        try:
+            with pytest.raises(ConnectionError, match="401"):
+                lg.load_model(ModelChoice(server_url=server.url, token="wrong")).result()
+        finally:
+            lg.close()
+    ok, text = remote.check_connection(remote.RemoteSettings(f"http://127.0.0.1:{free_port()}", token))
+    assert not ok and text.startswith("cannot reach")
+    busy = remote.explain(RemoteError(503, "the server is saturated", retry_after=3), "http://gpu:8765")
+    assert "saturated" in busy and "Try again in 3 s" in busy

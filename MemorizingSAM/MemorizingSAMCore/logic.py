@@ -25,7 +25,7 @@ import slicer
 import vtk
 from slicer.util import VTKObservationMixin
 
-from . import markups, mrml
+from . import markups, mrml, remote
 from .worker import ModelWorker
 
 if TYPE_CHECKING:  # the library is imported when a model loads, not when Slicer starts
@@ -44,7 +44,8 @@ class ModelChoice:
     use_memory: bool = True
     device: str = "cpu"
     server_url: str | None = None
-    token: str | None = None
+    token: str | None = None  # from Slicer's settings (remote.py), never from or into the scene
+    ca_file: str | None = None
 
 
 @dataclass
@@ -147,10 +148,13 @@ class SegmentationLogic(VTKObservationMixin):
         def load():
             self.loaded_on = threading.current_thread().name
             if choice.server_url:
-                from MemorizingSAMLib.client import RemoteSession
+                settings = remote.RemoteSettings(choice.server_url, choice.token or "", choice.ca_file or "")
+                ok, message = remote.check_connection(settings)
+                if not ok:
+                    raise ConnectionError(message)
 
                 def make():
-                    return RemoteSession(choice.server_url, choice.token)
+                    return remote.make_client(settings)
 
                 return make, f"remote {choice.server_url}"
             from MemorizingSAMLib.checkpoints import load_model
@@ -605,7 +609,10 @@ class SegmentationLogic(VTKObservationMixin):
             self.worker.shutdown()
 
     def _on_error(self, error: BaseException) -> None:
-        self._say(f"Error: {error}")
+        if hasattr(error, "status"):  # a remote server's answer: said the way a user can act on it
+            self._say(f"Error: {remote.explain(error)}")
+        else:
+            self._say(f"Error: {error}")
 
     def _say(self, text: str) -> None:
         self.status = text
