@@ -85,6 +85,7 @@ def test_eight_clients_two_servers_one_killed(ckpt, tls, tmp_path):
             assert len(clients) <= 20
         counts = [RemoteSession(s.url).info()["sessions"] for s in servers]
         assert sum(counts) == len(clients) and min(counts) > 0  # spread over both by the session id's hash
+        assert all(c.recoveries == 0 for c in clients)  # every request found its session: routed by its id
         before = [c.mask().copy() for c in clients]
 
         servers[0].kill()  # as a crash: nothing saved, nothing said

@@ -114,7 +114,7 @@ def many_clients(model_path, img, clicks, n_servers: int, n_clients: int, n_clic
     nginx = NginxProcess(
         ROOT / "deploy" / "nginx.conf", [s.port for s in servers], free_port(), tmp / "cert.pem", tmp / "key.pem"
     )
-    latencies, errors, placed = [], [], []
+    latencies, errors, placed, recoveries = [], [], [], 0
     try:
         nginx.start()
         sessions = []
@@ -145,6 +145,7 @@ def many_clients(model_path, img, clicks, n_servers: int, n_clients: int, n_clic
             w.join()
         wall = time.perf_counter() - t0
         placed = [len(c.placed()) for c in sessions]
+        recoveries = sum(c.recoveries for c in sessions)  # a routing fault would show here, not as errors
     finally:
         nginx.stop()
         for s in servers:
@@ -162,6 +163,7 @@ def many_clients(model_path, img, clicks, n_servers: int, n_clients: int, n_clic
         "errors": len(errors),
         "error_examples": errors[:3],
         "prompts_placed": placed,
+        "session_recoveries": recoveries,
     }
 
 
