@@ -1,28 +1,20 @@
 """Several servers behind nginx (Debian's, deploy/nginx.conf), TLS at nginx, on 127.0.0.1: 8 clients, then one
 server killed: its clients' sessions are rebuilt on the other with identical masks, the others never notice."""
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from server_fixtures import self_signed, tiny_checkpoint, volume
 
-from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
+from MemorizingSAMLib.checkpoints import load_model
 from MemorizingSAMLib.client import RemoteSession
-from MemorizingSAMLib.modeling import build_sam3d
 from MemorizingSAMLib.server_process import NginxProcess, ServerProcess, find_nginx, free_port
 from MemorizingSAMLib.session import InteractiveSession
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACING = (1.1, 0.9, 2.0)
-
-
-def volume(seed):
-    rng = np.random.default_rng(seed)
-    v = rng.normal(100, 10, (24, 48, 56)).astype(np.float32)
-    v[6:18, 12:36, 14:40] += 300
-    return v
 
 
 def clicks(seed, n):
@@ -33,23 +25,12 @@ def clicks(seed, n):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = build_sam3d("memsam_tiny_student")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_checkpoint(m, tmp_path_factory.mktemp("m") / "tiny.pt")
+    return tiny_checkpoint(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", d / "key.pem", "-out", d / "cert.pem"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return d / "cert.pem", d / "key.pem"
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 def local_masks(ckpt, seed, steps):

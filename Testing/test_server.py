@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from server_fixtures import tiny_checkpoint, volume
 
-from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
+from MemorizingSAMLib.checkpoints import load_model
 from MemorizingSAMLib.client import RemoteError, RemoteSession
-from MemorizingSAMLib.modeling import build_sam3d
 from MemorizingSAMLib.server_process import ServerProcess, free_port
 from MemorizingSAMLib.session import InteractiveSession, Prompt
 
@@ -29,21 +29,9 @@ TOKEN = "s3cret-token"
 SPACING = (1.1, 0.9, 2.0)
 
 
-def volume(seed=0):
-    rng = np.random.default_rng(seed)
-    v = rng.normal(100, 10, (24, 48, 56)).astype(np.float32)
-    v[6:18, 12:36, 14:40] += 300
-    return v
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = build_sam3d("memsam_tiny_student")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_checkpoint(m, tmp_path_factory.mktemp("m") / "tiny.pt")
+    return tiny_checkpoint(tmp_path_factory.mktemp("m"))
 
 
 def start_server(ckpt, token_file, *extra):

@@ -3,36 +3,20 @@ file re-read while serving, TLS, and saturation answered with 503 + Retry-After.
 
 import http.client
 import json
-import subprocess
 import threading
 import time
 
-import numpy as np
 import pytest
-import torch
+from server_fixtures import self_signed, tiny_checkpoint, volume
 
-from MemorizingSAMLib.checkpoints import save_checkpoint
 from MemorizingSAMLib.client import RemoteError, RemoteSession
-from MemorizingSAMLib.modeling import build_sam3d
 from MemorizingSAMLib.server_process import ServerProcess
 from MemorizingSAMLib.users import add_user, parse_users
 
 
-def volume(seed=0):
-    rng = np.random.default_rng(seed)
-    v = rng.normal(100, 10, (24, 48, 56)).astype(np.float32)
-    v[6:18, 12:36, 14:40] += 300
-    return v
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = build_sam3d("memsam_tiny_student")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_checkpoint(m, tmp_path_factory.mktemp("m") / "tiny.pt")
+    return tiny_checkpoint(tmp_path_factory.mktemp("m"))
 
 
 def session(url, token, **kw):
@@ -95,19 +79,9 @@ def test_users_are_kept_apart_and_cannot_evict_each_other(ckpt, tmp_path):
         assert all(tok not in server.errors() for tok in (alice, bob, carol))  # never logged
 
 
-def _self_signed(tmp_path, name):
-    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", key, "-out", cert],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_tls_with_a_trusted_certificate_and_refused_otherwise(ckpt, tmp_path, memsam):
-    cert, key = _self_signed(tmp_path, "server")
-    other, _ = _self_signed(tmp_path, "other")
+    cert, key = self_signed(tmp_path, "server")
+    other, _ = self_signed(tmp_path, "other")
     token = "tls-test-token-0123456789"
     (tmp_path / "token").write_text(token)
     args = ["--model", ckpt, "--token-file", tmp_path / "token", "--tls-cert", cert, "--tls-key", key]

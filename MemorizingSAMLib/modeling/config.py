@@ -128,12 +128,13 @@ class PromptEncoderConfig:
 class MaskDecoderConfig:
     """Two-way transformer mask decoder giving (B, M, 4G, 4G, 4G) low-res logits and (B, M) IoU predictions."""
 
-    transformer_dim: int = 384
-    depth: int = 2
+    transformer_dim: int = 384  # = the encoder's out_chans and the prompt encoder's embed_dim
+    depth: int = 2  # two-way transformer blocks
     num_heads: int = 8
-    mlp_dim: int = 2048
+    mlp_dim: int = 2048  # the token MLP's hidden width
+    # Cross-attentions with the image tokens project to transformer_dim / this (SAM's "downsample rate").
     attention_downsample_rate: int = 2
-    num_multimask_outputs: int = 3
+    num_multimask_outputs: int = 3  # mask tokens besides the single-mask one
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
 
