@@ -557,6 +557,13 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(sub, name: str, func, **kwargs) -> argparse.ArgumentParser:
+    """A sub-command whose options follow: its parser, run by ``func(args)``."""
+    p = sub.add_parser(name, **kwargs)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="memsam",
@@ -587,8 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--out", required=True, help="run folder")
     _add_mix_options(training)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "segment",
+        _cmd_segment,
         parents=[dev],
         help="segment one structure of an image from points and boxes; write a labelmap with the image's geometry",
         description="Points and boxes are physical coordinates in mm, RAS (Slicer's convention) by default, LPS "
@@ -603,22 +612,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint (default: the shipped default model)")
     p.add_argument("--memory", help="memory bank built for the model")
     p.add_argument("--out", required=True, help="labelmap to write (.nii.gz, .nrrd)")
-    p.set_defaults(func=_cmd_segment)
 
-    p = sub.add_parser("demo", help="segment the shipped sample data with the shipped model from simulated clicks")
+    p = _command(
+        sub, "demo", _cmd_demo, help="segment the shipped sample data with the shipped model from simulated clicks"
+    )
     p.add_argument("--model", help="checkpoint (default: the shipped default model)")
     p.add_argument("--memory", help="memory bank (default: the shipped one, if present)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--data", help="dataset folder (default: Resources/SampleData)")
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--out", default="out/demo")
-    p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, dtypes, metadata")
+    p = _command(sub, "info", _cmd_info, help="describe a checkpoint: architecture, parameters, dtypes, metadata")
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt): upstream, bare state dict, or ours")
-    p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "build-memory",
+        _cmd_build_memory,
         parents=[dev, dist],
         help="build a memory bank from labelled volumes (one entry per structure per case)",
         description="Each label value of each case becomes one entry: the model-space crop centred at the "
@@ -634,10 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bank file to write (atomically)")
     p.add_argument("--label-names", help="JSON {value: name}; default: dataset.json beside the images folder")
     p.add_argument("--layer", type=int, help="encoder block to store (default: the model config's memory layer)")
-    p.set_defaults(func=_cmd_build_memory)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "train",
+        _cmd_train,
         parents=[dev, dist, training],
         help="interactive training (simulated clicks, previous logits fed back), with checkpoints and resume",
         description="Trains a named config (or continues --init) on the train split of a 'memsam data fetch' "
@@ -650,10 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--max-clicks", type=int, default=5)
     p.add_argument("--keep-every", type=int, default=0, help="also keep fp16 weights every N steps (curves)")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "distill",
+        _cmd_distill,
         parents=[dev, dist, training],
         help="layer-wise progressive distillation of a student encoder from a teacher, then decoder fine-tuning",
         description="Student block i learns teacher block 2i+1; layers join the loss progressively (stage s trains "
@@ -666,10 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=200, help="decoder fine-tuning steps (0: none)")
     p.add_argument("--finetune-lr", type=float, default=2e-4)
     p.add_argument("--half", action="store_true", help="store the student's weights in fp16")
-    p.set_defaults(func=_cmd_distill)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "finetune-memory",
+        _cmd_finetune_memory,
         parents=[dev, dist, training],
         help="fine-tune a model with memory attention active so that it uses a memory bank",
         description="Converts the model to a config with learned memory gates and mask-aware memory values, builds "
@@ -686,10 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-memory", type=float, default=0.5, help="share of samples trained with memory")
     p.add_argument("--memory-lr-scale", type=float, default=10.0, help="learning-rate factor of the new memory weights")
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
-    p.set_defaults(func=_cmd_finetune_memory)
 
-    p = sub.add_parser(
-        "serve", parents=[dev], help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)"
+    p = _command(
+        sub,
+        "serve",
+        _cmd_serve,
+        parents=[dev],
+        help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)",
     )
     p.add_argument("--model", help="checkpoint (default: the shipped default model)")
     p.add_argument("--memory", help="memory bank for the model")
@@ -719,7 +735,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, help="CPU threads for the model (default: torch's, one per core); less on a shared host"
     )
-    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("users", help="manage a server's users file")
     usub = p.add_subparsers(dest="users_command", metavar="ACTION")
@@ -737,8 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache", help="where downloads go (default: beside --out, in downloads/)")
     f.set_defaults(func=_cmd_data_fetch)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "evaluate",
+        _cmd_evaluate,
         parents=[dev, dist],
         help="simulated-click evaluation: Dice after each click, NoC, latency; JSON and PNGs",
         description="Click 1 at the target's interior-most voxel, each next click at the interior-most voxel of the "
@@ -767,7 +784,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--montage", type=int, default=6, help="cases in the PNG montage")
     p.add_argument("--out", default="out/eval", help="folder for JSON and PNGs")
-    p.set_defaults(func=_cmd_evaluate)
     return ap
 
 
