@@ -2,6 +2,7 @@
 through a real server, with the masks of the full install."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -40,7 +41,13 @@ def test_client_only_install_has_no_torch_and_segments_through_a_server(tmp_path
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     py = venv / "bin" / "python"
-    r = subprocess.run([py, "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True)
+    # From a copy of the package's sources: a build in the checkout would leave build/ behind.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "MemorizingSAMLib", src / "MemorizingSAMLib", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([py, "-m", "pip", "install", "-q", str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
