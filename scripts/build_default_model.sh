@@ -10,12 +10,15 @@ test -f data/eval/dataset.json || $M data fetch --out data/eval
 # 1. Teacher with the high-resolution mask-head features, on the endless mixed stream.
 $M train --config memsam_hq_teacher --data data/eval --steps 4000 --log-every 25 --checkpoint-every 100 \
   --keep-every 1000 $MIX --out runs/hq_teacher
-# 2. FastSAM3D-style student: layer-wise progressive distillation, then decoder fine-tuning.
+# 2. FastSAM3D-style student: layer-wise progressive distillation, then decoder fine-tuning, on the real training
+#    images (the generated cases cost more to make than a distillation step; 6 min here instead of ~35).
 test -f runs/hq_student/student.pt || $M distill --teacher runs/hq_teacher/train_last.pt \
-  --student-config memsam_hq_student --data data/eval --steps 600 --finetune-steps 400 $MIX --out runs/hq_student
+  --student-config memsam_hq_student --data data/eval --steps 600 --finetune-steps 400 --log-every 25 \
+  --out runs/hq_student
 # 3. Memory fine-tuning (memory attention active for half of the samples; bank-making weights frozen).
 test -f runs/hq_memory/model.pt || $M finetune-memory --model runs/hq_student/student.pt --config memsam_hq_memory \
-  --data data/eval --steps 1200 --log-every 50 --checkpoint-every 100 --memory-lr-scale 10 $MIX --out runs/hq_memory
+  --data data/eval --steps 1500 --log-every 50 --checkpoint-every 100 --memory-lr-scale 10 --procedural 0.2 \
+  --out runs/hq_memory
 mkdir -p Resources/models
 .venv/bin/python - <<'PY'
 from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
