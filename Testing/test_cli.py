@@ -158,7 +158,7 @@ def test_segment_wrong_usage_is_one_line(tmp_path, memsam):
                 "--model",
                 str(other),
                 "--memory",
-                "Resources/models/memsam_tiny_memory.bank.msam",
+                "Resources/models/memsam_hq_memory.bank.msam",
                 "--out",
                 str(tmp_path / "o.nii.gz"),
             ],
