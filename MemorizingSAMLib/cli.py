@@ -557,6 +557,54 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_web(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .web.config import WebConfig
+
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise UsageError(f"{args.token_file}: empty token file")
+    elif os.environ.get("MEMSAM_TOKEN"):
+        token = os.environ["MEMSAM_TOKEN"]
+    if (token or args.ca_file) and not args.server:
+        raise UsageError("--token-file/MEMSAM_TOKEN and --ca-file are for a remote --server")
+    if args.server and (args.model or args.memory):
+        raise UsageError("--server runs the clicks on that server's model: give --model/--memory to 'memsam serve'")
+    for d in args.data_dir or []:
+        if not Path(d).is_dir():
+            raise UsageError(f"--data-dir {d}: no such folder")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote_browsers:
+        raise UsageError(
+            f"--host {args.host}: the page has no login and shows patient images; serve it on this machine, or behind "
+            "an authenticating TLS proxy with --allow-remote-browsers"
+        )
+    config = WebConfig(
+        model=args.model,
+        memory=args.memory,
+        use_memory=not args.no_memory,
+        device=_device(args) if not args.server else (args.device or "cpu"),  # unused with --server
+        server_url=args.server,
+        token=token,
+        ca_file=args.ca_file,
+        data_dirs=tuple(args.data_dir or ()),
+        host=args.host,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        volume_rendering=args.volume_rendering,
+    )
+    try:
+        from .web.app import main as web_main
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("trame", "trame_slicer", "slicer", "vtk", "vtkmodules"):
+            raise UsageError(f"needs {e.name}: pip install 'MemorizingSAMLib[web]'") from None
+        raise
+    web_main(config)
+    return 0
+
+
 def _command(sub, name: str, func, **kwargs) -> argparse.ArgumentParser:
     """A sub-command whose options follow: its parser, run by ``func(args)``."""
     p = sub.add_parser(name, **kwargs)
@@ -735,6 +783,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, help="CPU threads for the model (default: torch's, one per core); less on a shared host"
     )
+
+    p = _command(
+        sub,
+        "web",
+        _cmd_web,
+        parents=[dev],
+        help="the interactive tool in a web browser, on Slicer's core (trame-slicer; needs the [web] extra)",
+    )
+    p.add_argument("--model", help="checkpoint (default: the shipped default model with its memory bank)")
+    p.add_argument("--memory", help="memory bank for the model")
+    p.add_argument("--no-memory", action="store_true", help="no memory bank, not even the default model's")
+    p.add_argument("--server", help="run the clicks on this 'memsam serve' (URL) instead of in this process")
+    p.add_argument("--token-file", help="the server's token for --server (or MEMSAM_TOKEN in the environment)")
+    p.add_argument("--ca-file", help="certificate (PEM) that --server's TLS certificate is checked against")
+    p.add_argument(
+        "--data-dir", action="append", help="folder whose volumes the page may open (repeatable; samples always)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--allow-remote-browsers", action="store_true", help="bind beyond loopback (behind an authenticating proxy)"
+    )
+    p.add_argument("--max-upload-mb", type=int, default=1024)
+    p.add_argument("--volume-rendering", action="store_true", help="volume rendering in the 3D view (slow on CPU)")
 
     p = sub.add_parser("users", help="manage a server's users file")
     usub = p.add_subparsers(dest="users_command", metavar="ACTION")

@@ -26,7 +26,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class ServerProcess:
     """``memsam serve --port P [args]`` in a child process; ``start()`` returns once ``/health`` answers (or
-    raises with the server's own error output). A context manager: leaving it stops the server.
+    raises with the server's own error output). A context manager: leaving it stops the server. ``command``
+    "web" starts ``memsam web`` instead, which is up once its page (``probe`` "/") answers.
 
     The child's stderr goes to a file (``log``), never to a pipe nobody reads, which would block a chatty server.
     """
@@ -38,8 +39,11 @@ class ServerProcess:
         port: int | None = None,
         env: dict[str, str] | None = None,
         startup_s: float = 60.0,
+        command: str = "serve",
+        probe: str = "/health",
     ) -> None:
         self.args, self.host, self.port = [str(a) for a in args], host, port or free_port(host)
+        self.command, self.probe = command, probe
         self.env, self.startup_s = env, startup_s
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="memsam-server-log-", suffix=".txt", delete=False)
@@ -55,7 +59,16 @@ class ServerProcess:
         return self.proc.pid
 
     def start(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "MemorizingSAMLib.cli", "serve", "--host", self.host, "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "MemorizingSAMLib.cli",
+            self.command,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(cmd + self.args, stdout=subprocess.DEVNULL, stderr=self._log, env=env, text=True)
         deadline = time.monotonic() + self.startup_s
@@ -63,14 +76,14 @@ class ServerProcess:
         probe = ssl._create_unverified_context() if self.url.startswith("https") else None
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(self.url + "/health", timeout=1, context=probe).read()
+                urllib.request.urlopen(self.url + self.probe, timeout=1, context=probe).read()
                 return self
             except (OSError, urllib.error.URLError):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"memsam serve exited: {self.errors().strip()}") from None
+                    raise RuntimeError(f"memsam {self.command} exited: {self.errors().strip()}") from None
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"memsam serve did not answer within {self.startup_s:g} s: {self.errors().strip()}")
+        raise RuntimeError(f"memsam {self.command} did not answer within {self.startup_s:g} s: {self.errors().strip()}")
 
     def errors(self) -> str:
         """What the server has written to stderr so far."""

@@ -3,16 +3,21 @@ up the way the Slicer application sets it up, minus Qt: a scene, the application
 module and slicer.util use, registered under their module names.
 
 Nothing here imitates Slicer: every object is Slicer's. Two names the application would provide are bound to the
-real objects: ``slicer.mrmlScene`` (the scene) and ``slicer.modules.<name>.logic()`` (the real logic classes);
+real objects by MemorizingSAMCore.standalone (the web app binds them the same way): ``slicer.mrmlScene`` (the
+scene) and ``slicer.modules.<name>.logic()`` (the real logic classes);
 ``slicer.app`` (Qt) does not exist, and the module's logic does not use it.
 """
 
 from __future__ import annotations
 
-import types
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import slicer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "MemorizingSAM"))
+from MemorizingSAMCore import standalone  # noqa: E402
 
 
 @dataclass
@@ -46,10 +51,5 @@ def start() -> SlicerCore:
         logic.SetMRMLScene(scene)
         app.SetModuleLogic(name, logic)
         logics[name] = logic
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        volumes=types.SimpleNamespace(logic=lambda: logics["Volumes"]),
-        segmentations=types.SimpleNamespace(logic=lambda: logics["Segmentations"]),
-        markups=types.SimpleNamespace(logic=lambda: logics["Markups"]),
-    )
+    standalone.bind(scene, app)
     return SlicerCore(scene, app, logics["Volumes"], logics["Segmentations"], logics["Markups"])

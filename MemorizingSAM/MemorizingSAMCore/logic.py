@@ -260,7 +260,10 @@ class SegmentationLogic(VTKObservationMixin):
     def add_segment(self, name: str | None = None) -> str:
         """A new segment (its own labelmap layer) made current; returns its segment id."""
         self._require_volume()
+        names = {self._segment(sid).GetName() for sid in self.segments}
         n = len(self.segments) + 1
+        while f"Segment_{n}" in names:  # after a deletion, the next free number
+            n += 1
         segment_id = mrml.new_segment(self.segmentation, self.volume, name or f"Segment_{n}", _colour(n))
         self._register(segment_id)
         self.select_segment(segment_id)
@@ -277,6 +280,74 @@ class SegmentationLogic(VTKObservationMixin):
                 nodes = [markups.new_prompt_node(self.scene, self.volume.GetID(), segment_id, name, kind)]
             for node in nodes:
                 self._observe(node)
+
+    def remove_segment(self, segment_id: str) -> None:
+        """Delete the segment: its voxels, its prompt markups and its session segment (after running clicks)."""
+        self._require_volume()
+        if segment_id not in self.segments:
+            raise KeyError(f"segment {segment_id!r} was not made by MemorizingSAM on this volume")
+        self.wait()
+        seg = self.segments.pop(segment_id)
+        self._muted += 1
+        try:
+            for kind in markups.KINDS:
+                for node in markups.prompt_nodes(self.scene, self.volume.GetID(), segment_id, kind):
+                    self.scene.RemoveNode(node)
+            self.segmentation.GetSegmentation().RemoveSegment(segment_id)
+        finally:
+            self._muted -= 1
+        session = self.session
+        self.worker.call(lambda: session.remove_segment(seg.sid))
+        self._dirty.discard(segment_id)
+        if self.current == segment_id:
+            self.current = next(iter(self.segments), None)
+            if self.tool is not None:
+                self.set_tool(self.tool if self.current is not None else None)
+        self.save_prompts()
+        self.on_segments()
+
+    def rename_segment(self, segment_id: str, name: str) -> None:
+        """A new name for the segment and its prompt markups (an empty name is refused)."""
+        name = name.strip()
+        if not name:
+            raise ValueError("a segment needs a name")
+        segment = self._segment(segment_id)
+        segment.SetName(name)
+        for kind in markups.KINDS:
+            for node in markups.prompt_nodes(self.scene, self.volume.GetID(), segment_id, kind):
+                node.SetName(self.scene.GenerateUniqueName(f"{name} {kind}"))
+        self.on_segments()
+
+    def set_segment_colour(self, segment_id: str, rgb: tuple[float, float, float]) -> None:
+        """The segment's display colour, ``rgb`` in 0..1."""
+        rgb = tuple(float(c) for c in rgb)
+        if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+            raise ValueError(f"a colour is three values in 0..1, got {rgb}")
+        self._segment(segment_id).SetColor(*rgb)
+        self.on_segments()
+
+    def segment_list(self) -> list[dict]:
+        """The module's segments in creation order: id, name, colour (0..1 RGB), prompts placed, current."""
+        segmentation = self.segmentation.GetSegmentation() if self.segmentation is not None else None
+        out = []
+        for segment_id, seg in self.segments.items():
+            segment = segmentation.GetSegment(segment_id)
+            out.append(
+                {
+                    "id": segment_id,
+                    "name": segment.GetName(),
+                    "colour": [round(float(c), 4) for c in segment.GetColor()],
+                    "prompts": len(seg.sent),
+                    "current": segment_id == self.current,
+                }
+            )
+        return out
+
+    def _segment(self, segment_id: str):
+        self._require_volume()
+        if segment_id not in self.segments:
+            raise KeyError(f"segment {segment_id!r} was not made by MemorizingSAM on this volume")
+        return self.segmentation.GetSegmentation().GetSegment(segment_id)
 
     def select_segment(self, segment_id: str) -> None:
         if segment_id not in self.segments:

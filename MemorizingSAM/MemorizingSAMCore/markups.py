@@ -62,6 +62,11 @@ def new_prompt_node(scene, volume_id: str, segment_id: str, segment_name: str, k
     if display is not None:
         display.SetSelectedColor(*COLOURS[kind])
         display.SetColor(*COLOURS[kind])
+        # Labels ("Segment_1 include-3") would cover the image beside every click; the colour says the kind.
+        display.SetPointLabelsVisibility(False)
+        display.SetPropertiesLabelVisibility(False)
+        if kind == "box":
+            display.SetFillVisibility(False)  # a filled box would tint the segment it prompts
     return node
 
 

@@ -15,12 +15,19 @@ from typing import Any
 
 
 class ModelWorker:
-    def __init__(self, on_error: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_error: Callable[[BaseException], None] | None = None,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="MemorizingSAM")
         self._finished: queue.Queue = queue.Queue()
         self._pending = 0
         self.submitted = 0  # jobs ever submitted (what a test counts to see that nothing was recomputed)
         self.on_error = on_error
+        # Called on the worker thread when a job has finished, so that an event loop can schedule deliver() at
+        # once instead of polling (the web app: loop.call_soon_threadsafe). It must not touch MRML itself.
+        self.wake = wake
 
     @property
     def busy(self) -> bool:
@@ -37,8 +44,13 @@ class ModelWorker:
         self._pending += 1
         self.submitted += 1
         future = self._executor.submit(fn)
-        future.add_done_callback(lambda f: self._finished.put((f, on_done, on_error)))
+        future.add_done_callback(lambda f: self._finished_job(f, on_done, on_error))
         return future
+
+    def _finished_job(self, future: Future, on_done, on_error) -> None:
+        self._finished.put((future, on_done, on_error))
+        if self.wake is not None:
+            self.wake()
 
     def deliver(self, block: bool = False, timeout: float | None = None) -> int:
         """Hand finished jobs' results to their callbacks, on the calling thread; returns how many. ``block``

@@ -1,0 +1,544 @@
+"""``memsam web``: the Slicer module's tool as a web page, on Slicer's core (trame-slicer).
+
+Below the page everything is the Slicer module's: MemorizingSAMCore's SegmentationLogic observes the markups that
+Slicer's own markups widget places when the user clicks in a slice view (the browser's mouse events go to the
+view's VTK interactor through trame's remote-controlled area), sends the prompts to the session (one decode per
+click), and writes the changed box into the segment's labelmap; Slicer's displayable managers draw it and the
+views stream the frames back. This file only lays out the page and forwards its buttons to that logic.
+
+Threads: trame's asyncio loop is the GUI thread (MRML is touched only there); the model runs on the logic's
+worker thread, which wakes the loop when a job finishes (no polling).
+
+One process serves one scene: every browser tab on it sees the same volume and segments (trame's launcher, or
+one process per user behind a proxy, serves several users; clicks may then share one ``memsam serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .config import EXPORT_FORMATS, Volume, WebConfig, data_files, export_name, safe_upload_name, samples
+
+log = logging.getLogger(__name__)
+
+# Colours offered for a segment (0..1 RGB): the module's palette and a few more.
+PALETTE = [
+    (0.9, 0.4, 0.1),
+    (0.2, 0.6, 0.9),
+    (0.3, 0.8, 0.3),
+    (0.8, 0.3, 0.8),
+    (0.9, 0.8, 0.2),
+    (0.4, 0.8, 0.8),
+    (0.9, 0.2, 0.3),
+    (0.6, 0.4, 0.2),
+]
+TOOLS = ("include", "exclude", "box")
+
+
+def _hex(rgb) -> str:
+    return "#" + "".join(f"{round(float(c) * 255):02x}" for c in rgb)
+
+
+def _module_core_path() -> None:
+    """In a source checkout MemorizingSAMCore lives in the Slicer module's folder; an installed wheel has it as a
+    package of its own (pyproject.toml)."""
+    import sys
+
+    try:
+        import MemorizingSAMCore  # noqa: F401
+    except ImportError:
+        here = Path(__file__).resolve().parents[2] / "MemorizingSAM"
+        if (here / "MemorizingSAMCore").is_dir():
+            sys.path.insert(0, str(here))
+
+
+class WebApp:
+    """The page, the Slicer core behind it and the module's logic. ``server``: a trame server (a new one if
+    None). Construct, then ``server.start(...)``; :func:`main` does both."""
+
+    def __init__(self, config: WebConfig, server=None) -> None:
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # off-screen, no display needed
+        _module_core_path()
+        from MemorizingSAMCore import standalone
+        from MemorizingSAMCore.logic import ModelChoice, SegmentationLogic
+        from MemorizingSAMCore.worker import ModelWorker
+        from trame.app import get_server
+        from trame_slicer.core import LayoutManager, SlicerApp
+        from trame_slicer.rca_view import register_rca_factories
+
+        from ..resources import sample_data_dir
+
+        self.config = config
+        self.server = get_server(server, client_type="vue3")
+        self.server.options["ws_max_msg_size"] = int(config.max_upload_mb) * 1024 * 1024
+        self.state, self.ctrl = self.server.state, self.server.controller
+        self.slicer_app = SlicerApp()
+        standalone.bind(self.slicer_app.scene, self.slicer_app.app_logic)
+        register_rca_factories(
+            self.slicer_app.view_manager,
+            self.server,
+            slice_view_ui_f=self._slice_view_ui,
+            three_d_view_ui_f=self._view_ui,
+            # A view streams at most this often: a written segment waits for the next frame slot (1/fps).
+            target_fps=60.0,
+            blur_fps=30.0,
+        )
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        self.layout_manager.set_layout("Quad View")
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.worker = ModelWorker(wake=self._wake)
+        self.logic = SegmentationLogic(self.slicer_app.scene, self.slicer_app.app_logic, worker=self.worker)
+        self.logic.schedule = self._schedule
+        self.logic.on_status = self._on_status
+        self.logic.on_tool = self._on_tool
+        self.logic.on_segments = self._on_segments
+        self.logic.on_result = self._on_result
+        self.choice = ModelChoice(
+            checkpoint=config.model,
+            memory=config.memory,
+            use_memory=config.use_memory,
+            device=config.device,
+            server_url=config.server_url,
+            token=config.token,
+            ca_file=config.ca_file,
+        )
+        self._model_future = None
+        self._pending_volume = None
+        self.volume_node = None
+        self.volumes: dict[str, Volume] = {v.key: v for v in samples(sample_data_dir())}
+        self.volumes.update({v.key: v for v in data_files(tuple(config.data_dirs))})
+        self._upload_dir = tempfile.TemporaryDirectory(prefix="memsam-web-")
+
+        s = self.state
+        s.trame__title = config.title
+        s.status = "Loading the model..."
+        s.busy = True
+        s.model_ready = False
+        s.volume_loaded = False
+        s.volume_name = ""
+        s.tool = None
+        s.segments = []
+        s.current_segment = None
+        s.segment_name = ""
+        s.palette = [_hex(c) for c in PALETTE]
+        s.results = 0  # results written into the segmentation so far (tests and benchmarks wait on it)
+        s.latency_ms = None
+        s.decodes = None
+        s.export_format = EXPORT_FORMATS[0]
+        s.export_file = ""
+        s.export_formats = list(EXPORT_FORMATS)
+        s.volume_choices = [{"value": v.key, "title": v.label} for v in self.volumes.values()]
+        s.volume_choice = None
+        s.show_3d = False
+        s.error = ""
+        s.change("tool")(self._tool_changed)
+        s.change("show_3d")(self._show_3d_changed)
+        s.change("export_format", "volume_name")(self._export_file_changed)
+        self.ctrl.on_server_ready.add(self._server_ready)
+        self._build_ui()
+
+    # ------------------------------------------------------------------------------------------ threads
+    def _server_ready(self, **_) -> None:
+        self._loop = asyncio.get_event_loop()
+        self._model_future = self.logic.load_model(self.choice)
+
+    def _wake(self) -> None:
+        """Worker thread: a job finished; deliver it on the loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver)
+
+    def _schedule(self, fn) -> None:
+        """The logic asks to read the markups after a placement's burst of events: next turn of the loop."""
+        try:
+            asyncio.get_running_loop().call_soon(self._run, fn)
+        except RuntimeError:  # not on the loop (a direct call): read at once
+            self._run(fn)
+
+    def _run(self, fn) -> None:
+        with self.state:
+            fn()
+            self.state.busy = self.worker.busy or not self.state.model_ready
+
+    def _deliver(self) -> None:
+        with self.state:
+            try:
+                self.logic.process_events()
+            except Exception as error:  # noqa: BLE001 - shown on the page, the loop goes on
+                log.exception("delivering model results")
+                self._on_status(f"Error: {error}")
+            if not self.state.model_ready and self._model_future is not None and self._model_future.done():
+                self._model_loaded()
+            self.state.busy = self.worker.busy or not self.state.model_ready
+
+    def _model_loaded(self) -> None:
+        if self._model_future.exception() is not None:
+            self.state.error = f"The model did not load: {self._model_future.exception()}"
+            self.state.model_ready = False
+            self._model_future = None
+            return
+        self.state.model_ready = True
+        if self._pending_volume is not None:
+            node, self._pending_volume = self._pending_volume, None
+            self._start_segmenting(node)
+
+    # ------------------------------------------------------------------------------------ logic -> page
+    def _on_status(self, text: str) -> None:
+        self.state.status = text
+        if text.startswith("Error"):
+            self.state.error = text
+
+    def _on_tool(self, kind: str | None) -> None:
+        self.state.tool = kind
+
+    def _on_segments(self) -> None:
+        segments = self.logic.segment_list() if self.logic.segmentation is not None else []
+        self.state.segments = [{**s, "hex": _hex(s["colour"])} for s in segments]
+        self.state.current_segment = self.logic.current
+        current = next((s for s in segments if s["current"]), None)
+        self.state.segment_name = current["name"] if current else ""
+
+    def _on_result(self, segment_id: str) -> None:
+        self.state.results += 1
+        self.state.latency_ms = round(self.logic.last_latency_ms, 1)
+        self.state.decodes = self.logic.last_decodes
+        self._on_segments()
+
+    # ------------------------------------------------------------------------------------ page -> logic
+    def _guard(self, fn, *args):
+        """Run a page action; a refusal or error becomes the page's message instead of a dead websocket."""
+        try:
+            return fn(*args)
+        except (ValueError, KeyError, RuntimeError, OSError, TimeoutError) as error:
+            text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            self.state.error = str(text)
+            self.state.status = f"Error: {text}"
+            return None
+        finally:
+            self.state.busy = self.worker.busy or not self.state.model_ready
+
+    def _tool_changed(self, tool=None, **_) -> None:
+        if tool == self.logic.tool:
+            return
+        if tool is not None and tool not in TOOLS:
+            return
+        if self.logic.session is None:
+            self.state.tool = None
+            self.state.error = "Open a volume first."
+            return
+        self._guard(self.logic.set_tool, tool)
+        self.state.tool = self.logic.tool
+
+    def _export_file_changed(self, **_) -> None:
+        if self.state.volume_name and self.state.export_format in EXPORT_FORMATS:
+            self.state.export_file = export_name(self.state.volume_name, self.state.export_format)
+
+    def _show_3d_changed(self, show_3d=False, **_) -> None:
+        node = self.logic.segmentation
+        if node is None:
+            return
+        if show_3d:
+            node.CreateClosedSurfaceRepresentation()
+        else:
+            node.RemoveClosedSurfaceRepresentation()
+
+    def open_volume(self, key: str | None = None) -> None:
+        """Open a sample or a data-folder file chosen on the page (its key in :attr:`volumes`)."""
+        key = key or self.state.volume_choice
+        volume = self.volumes.get(key or "")
+        if volume is None:
+            self.state.error = f"no such volume: {key!r}"
+            return
+        self._guard(self._load_file, volume.path)
+
+    def upload(self, files: list[dict]) -> None:
+        """Volumes sent from the browser: written into this app's own upload folder under a plain name."""
+        from trame.app.file_upload import ClientFile
+
+        if not files:
+            return
+        try:
+            f = ClientFile(files[0])
+            name = safe_upload_name(f.name)
+        except ValueError as error:
+            self.state.error = str(error)
+            return
+        folder = Path(self._upload_dir.name) / f"{time.monotonic_ns()}"
+        folder.mkdir()
+        path = folder / name
+        path.write_bytes(f.content)
+        self._guard(self._load_file, str(path))
+
+    def _load_file(self, path: str) -> None:
+        """Read the volume with Slicer's reader, show it, and segment it once the model is ready."""
+        self.state.error = ""
+        self.state.status = f"Reading {Path(path).name}..."
+        nodes = self.slicer_app.io_manager.load_volumes([path])
+        if not nodes:
+            raise OSError(f"Slicer could not read {path}")
+        node = nodes[0]
+        if self.volume_node is not None and self.volume_node is not node:
+            self.logic.save_prompts()
+        self.volume_node = node
+        display = self.slicer_app.display_manager
+        display.show_volume_in_slice_background(node)
+        display.show_volume_in_slice_foreground(None)
+        if self.config.volume_rendering:
+            display.show_volume(node)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.set_visible_in_3d(True)
+        display.reset_views()
+        for view in self.slicer_app.view_manager.get_threed_views():
+            camera = view.renderer().GetActiveCamera()  # oblique, so that all three slice planes show
+            camera.Azimuth(35)
+            camera.Elevation(25)
+            view.renderer().ResetCamera()
+            camera.Zoom(1.5)
+            view.schedule_render()
+        self.state.volume_name = node.GetName()
+        self.state.volume_loaded = True
+        if self.state.model_ready:
+            self._start_segmenting(node)
+        else:
+            self._pending_volume = node
+            self.state.status = f"{node.GetName()} open; waiting for the model..."
+
+    def _start_segmenting(self, node) -> None:
+        self.logic.set_volume(node)
+        if not self.logic.segments:
+            self.logic.add_segment()
+        self._show_3d_changed(self.state.show_3d)
+        self._on_segments()
+
+    def add_segment(self) -> None:
+        self._guard(self.logic.add_segment)
+
+    def select_segment(self, segment_id: str) -> None:
+        self._guard(self.logic.select_segment, segment_id)
+        self._on_segments()
+
+    def delete_segment(self) -> None:
+        if self.logic.current is not None:
+            self._guard(self.logic.remove_segment, self.logic.current)
+            self._on_segments()
+
+    def rename_segment(self) -> None:
+        if self.logic.current is not None:
+            self._guard(self.logic.rename_segment, self.logic.current, self.state.segment_name or "")
+
+    def colour_segment(self, index: int) -> None:
+        if self.logic.current is not None:
+            self._guard(self.logic.set_segment_colour, self.logic.current, PALETTE[int(index) % len(PALETTE)])
+
+    def history(self, action: str) -> None:
+        if action not in ("undo", "redo", "reset"):
+            return
+        if self.logic.session is not None:
+            self._guard(getattr(self.logic, action))
+            self.state.results += 1
+
+    def export(self):
+        """The segments as a file for the browser to save (a trame attachment), in the chosen format."""
+        fmt = self.state.export_format
+        if self.logic.session is None:
+            self.state.error = "Open a volume and segment it first."
+            return None
+        name = export_name(self.state.volume_name, fmt)  # what the page names the download (export_file)
+        with tempfile.TemporaryDirectory(prefix="memsam-export-") as tmp:
+            path = os.path.join(tmp, name)
+            if self._guard(self.logic.export, path) is None and not os.path.isfile(path):
+                return None
+            data = Path(path).read_bytes()
+        self.state.status = f"Exported {name} ({len(data) / 1024:.0f} kB)"
+        return self.server.protocol.addAttachment(data)
+
+    # ------------------------------------------------------------------------------------------- page
+    def _view_ui(self, server, view_id, view) -> None:
+        from trame_client.widgets.html import Div
+        from trame_slicer.app.ui import create_vertical_view_gutter_ui
+
+        Div(id=f"view-{view_id}", classes="memsam-view-marker", style="display: none;")
+        create_vertical_view_gutter_ui(server, view_id, view)
+
+    def _slice_view_ui(self, server, view_id, view) -> None:
+        from trame_client.widgets.html import Div
+        from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
+
+        Div(id=f"view-{view_id}", classes="memsam-view-marker", style="display: none;")
+        create_vertical_slice_view_gutter_ui(server, view_id, view)
+
+    def _build_ui(self) -> None:
+        from trame.widgets import client, html
+        from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
+        from trame_vuetify.widgets import vuetify3 as v3
+
+        upload = self.ctrl.trigger_name(self.upload)
+        download = self.ctrl.trigger_name(self.export)
+        with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
+            self.ui = layout
+            client.Style("html { overflow-y: hidden; } .memsam-swatch { width: 18px; height: 18px; }")
+            layout.title.set_text(self.config.title)
+            with layout.toolbar:
+                v3.VSpacer()
+                v3.VProgressCircular(v_show=("busy",), indeterminate=True, size=22, id="busy", classes="mx-2")
+                html.Span("{{ status }}", id="status", classes="text-body-2 mx-2")
+                v3.VChip(
+                    "last click {{ latency_ms }} ms, {{ decodes }} decode(s)",
+                    v_show=("latency_ms !== null",),
+                    id="latency",
+                    size="small",
+                    classes="mx-2",
+                )
+            with layout.drawer as drawer:
+                drawer.width = 330
+                with v3.VContainer(classes="pa-3"):
+                    html.Div("Volume", classes="text-subtitle-2")
+                    v3.VSelect(
+                        v_model=("volume_choice",),
+                        items=("volume_choices",),
+                        label="Sample or server file",
+                        density="compact",
+                        hide_details=True,
+                        id="volume-select",
+                    )
+                    with html.Div(classes="d-flex my-2"):
+                        v3.VBtn(
+                            "Open",
+                            click=self.open_volume,
+                            disabled=("!volume_choice",),
+                            size="small",
+                            id="open-volume",
+                        )
+                        for v in self.volumes.values():
+                            if v.key.startswith("sample:"):
+                                v3.VBtn(
+                                    v.key.split(":", 1)[1].split("_")[0],
+                                    click=(self.open_volume, f"['{v.key}']"),
+                                    size="small",
+                                    variant="tonal",
+                                    classes="ml-1",
+                                    id=f"open-{v.key.replace(':', '-')}",
+                                )
+                    v3.VFileInput(
+                        label="Upload a volume",
+                        density="compact",
+                        hide_details=True,
+                        accept=".nii,.gz,.nrrd,.nhdr,.mha,.mhd",
+                        change=f"trigger('{upload}', [$event.target.files])",
+                        id="upload",
+                    )
+                    v3.VDivider(classes="my-3")
+                    html.Div("Tool", classes="text-subtitle-2")
+                    with v3.VBtnToggle(
+                        v_model=("tool",),
+                        disabled=("!model_ready || !volume_loaded",),
+                        density="compact",
+                        divided=True,
+                        variant="outlined",
+                    ):
+                        v3.VBtn("Include", value="include", id="tool-include", size="small")
+                        v3.VBtn("Exclude", value="exclude", id="tool-exclude", size="small")
+                        v3.VBtn("Box", value="box", id="tool-box", size="small")
+                    with html.Div(classes="d-flex my-2"):
+                        v3.VBtn("Undo", click=(self.history, "['undo']"), size="small", id="undo")
+                        v3.VBtn("Redo", click=(self.history, "['redo']"), size="small", classes="ml-1", id="redo")
+                        v3.VBtn("Reset", click=(self.history, "['reset']"), size="small", classes="ml-1", id="reset")
+                    v3.VDivider(classes="my-3")
+                    html.Div("Segments", classes="text-subtitle-2")
+                    with v3.VList(density="compact", id="segments"):
+                        with v3.VListItem(
+                            v_for="s in segments",
+                            key="s.id",
+                            active=("s.current",),
+                            click=(self.select_segment, "[s.id]"),
+                            classes="memsam-segment",
+                        ):
+                            with html.Div(classes="d-flex align-center"):
+                                html.Div(classes="memsam-swatch mr-2 rounded", style=("{ background: s.hex }",))
+                                html.Span("{{ s.name }}", classes="memsam-segment-name")
+                                v3.VSpacer()
+                                html.Span("{{ s.prompts }} prompt(s)", classes="text-caption")
+                    with html.Div(classes="d-flex my-2"):
+                        v3.VBtn(
+                            "Add", click=self.add_segment, size="small", id="add-segment", disabled=("!volume_loaded",)
+                        )
+                        v3.VBtn(
+                            "Delete",
+                            click=self.delete_segment,
+                            size="small",
+                            classes="ml-1",
+                            id="delete-segment",
+                            disabled=("!current_segment",),
+                        )
+                    with html.Div(classes="d-flex align-center"):
+                        v3.VTextField(
+                            v_model=("segment_name",),
+                            label="Name",
+                            density="compact",
+                            hide_details=True,
+                            id="segment-name",
+                        )
+                        v3.VBtn("Rename", click=self.rename_segment, size="small", classes="ml-1", id="rename")
+                    with html.Div(classes="d-flex my-2"):
+                        html.Div(
+                            v_for="(c, i) in palette",
+                            key="i",
+                            classes="memsam-swatch mr-1 rounded",
+                            style=("{ background: c, cursor: 'pointer' }",),
+                            click=(self.colour_segment, "[i]"),
+                            id=("`colour-${i}`",),
+                        )
+                    v3.VCheckbox(
+                        v_model=("show_3d",), label="Show segments in 3D", density="compact", hide_details=True
+                    )
+                    v3.VDivider(classes="my-3")
+                    html.Div("Export", classes="text-subtitle-2")
+                    with html.Div(classes="d-flex align-center"):
+                        v3.VSelect(
+                            v_model=("export_format",),
+                            items=("export_formats",),
+                            density="compact",
+                            hide_details=True,
+                            id="export-format",
+                        )
+                        v3.VBtn(
+                            "Download",
+                            click=(f"utils.download(export_file, trigger('{download}'), 'application/octet-stream')"),
+                            disabled=("!volume_loaded",),
+                            size="small",
+                            classes="ml-1",
+                            id="export",
+                        )
+                    v3.VAlert(
+                        "{{ error }}",
+                        v_show=("error",),
+                        type="error",
+                        density="compact",
+                        classes="mt-3",
+                        id="error",
+                    )
+            with layout.content:
+                with v3.VContainer(fluid=True, classes="pa-0 fill-height"):
+                    self.layout_manager.initialize_layout_grid(layout)
+
+    def close(self) -> None:
+        self.logic.close()
+        self.worker.shutdown()
+        self._upload_dir.cleanup()
+
+
+def main(config: WebConfig, open_browser: bool = False) -> None:
+    """Serve the page until interrupted."""
+    app = WebApp(config)
+    print(f"MemorizingSAM web: http://{config.host}:{config.port}/", flush=True)
+    try:
+        app.server.start(host=config.host, port=config.port, open_browser=open_browser, show_connection_info=False)
+    finally:
+        app.close()
