@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv nginx test demo lint bench clean
+.PHONY: venv nginx chromium test demo lint bench clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,18 @@ nginx: venv
 	  { apt-get download nginx 2>/dev/null || { apt-get update -qq && apt-get download nginx; }; } && \
 	  dpkg -x nginx_*.deb . && rm -f nginx_*.deb )
 
-test: venv nginx
+# Debian's Chromium and its WebDriver for the web app's browser tests (no browser download), and Mesa's EGL, which
+# VTK renders the views with off-screen. Installed as root (CI); elsewhere the browser tests say what is missing.
+BROWSER_PKGS := chromium chromium-driver libegl1 libegl-mesa0 libgl1-mesa-dri
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq $(BROWSER_PKGS) >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq $(BROWSER_PKGS) >/dev/null; }; \
+	  else echo "make chromium: not root; install Debian's $(BROWSER_PKGS) for the browser tests"; fi
+
+test: venv nginx chromium
 	$(PY) -m pytest -q Testing
 
 # The shipped default model segments the shipped sample data from simulated clicks (labelmaps, PNG, JSON in out/demo).

@@ -576,6 +576,8 @@ def _cmd_web(args: argparse.Namespace) -> int:
     for d in args.data_dir or []:
         if not Path(d).is_dir():
             raise UsageError(f"--data-dir {d}: no such folder")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected a whole number >= 1")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote_browsers:
         raise UsageError(
             f"--host {args.host}: the page has no login and shows patient images; serve it on this machine, or behind "
@@ -586,6 +588,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
         memory=args.memory,
         use_memory=not args.no_memory,
         device=_device(args) if not args.server else (args.device or "cpu"),  # unused with --server
+        threads=args.threads,
         server_url=args.server,
         token=token,
         ca_file=args.ca_file,
@@ -807,6 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-upload-mb", type=int, default=1024)
     p.add_argument("--volume-rendering", action="store_true", help="volume rendering in the 3D view (slow on CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for the model (default: one fewer than the cores; the rest render the views)",
+    )
 
     p = sub.add_parser("users", help="manage a server's users file")
     usub = p.add_subparsers(dest="users_command", metavar="ACTION")

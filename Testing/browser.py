@@ -197,13 +197,17 @@ def overlay(rgb):
     return (r - g >= MARGINS[0]) & (g - b >= MARGINS[1])
 
 
-def click_at(d, img, x: float, y: float) -> None:
-    """A real mouse click (pointer events through Chromium's input pipeline) at (x, y) CSS pixels in ``img``."""
+def click_at(d, img, x: float, y: float, aim_s: float = 0.3) -> None:
+    """A real mouse click (pointer events through Chromium's input pipeline) at (x, y) CSS pixels in ``img``: the
+    pointer moves there, rests ``aim_s`` seconds as a hand does before it clicks (in place mode the view draws the
+    point's preview under the pointer meanwhile), then presses and releases."""
     from selenium.webdriver.common.action_chains import ActionChains
 
     rect = img.rect
     # ActionChains offsets are from the element's centre.
-    ActionChains(d).move_to_element_with_offset(img, x - rect["width"] / 2, y - rect["height"] / 2).click().perform()
+    ActionChains(d).move_to_element_with_offset(img, x - rect["width"] / 2, y - rect["height"] / 2).perform()
+    time.sleep(aim_s)
+    ActionChains(d).click().perform()
 
 
 def ring(cx: float, cy: float, radius: float, n: int = 16) -> list[tuple[float, float]]:
@@ -237,3 +241,76 @@ def element(d, element_id: str, timeout: float = 30.0):
             return None
 
     return wait_until(find, timeout, f"element #{element_id}")
+
+
+def settled_frame(d, img, timeout: float = 10.0):
+    """The frame once two reads 0.3 s apart agree (the views stream a few frames after a change)."""
+    import numpy as np
+
+    prev = frame(d, img)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        time.sleep(0.3)
+        cur = frame(d, img)
+        if cur.shape == prev.shape and np.abs(cur.astype(int) - prev.astype(int)).max() <= 3:
+            return cur
+        prev = cur
+    return prev
+
+
+class ViewGeometry:
+    """Where a volume and its labelled target are drawn in the axial view's image (CSS pixels), from what the
+    view shows: the volume fills the view's non-black rectangle after the views are reset, and the label's axial
+    slice through the volume's centre, scaled into that rectangle, is the target as drawn (patient right on
+    screen left, anterior up: Slicer's convention, which an axis-aligned LPS volume meets with i to the right
+    and j downwards)."""
+
+    def __init__(self, rgb, label_path: Path) -> None:
+        import numpy as np
+        import SimpleITK as sitk
+
+        bright = rgb.max(axis=2) > 12
+        ys, xs = np.nonzero(bright)
+        self.left, self.right, self.top, self.bottom = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))  # [k, j, i]
+        nk, nj, ni = label.shape
+        self.k = nk // 2  # the slice through the volume's centre (odd counts: the middle one)
+        yy, xx = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
+        i = np.floor((xx - self.left) / (self.right - self.left) * ni).astype(int)
+        j = np.floor((yy - self.top) / (self.bottom - self.top) * nj).astype(int)
+        inside = (i >= 0) & (i < ni) & (j >= 0) & (j < nj)
+        self.volume = inside
+        self.lesion = np.zeros(rgb.shape[:2], bool)
+        self.lesion[inside] = label[self.k, j[inside], i[inside]] > 0
+
+    def slice_on_screen(self, volume_kji):
+        """The centre axial slice of a [k, j, i] array on the view's pixels (False outside the volume)."""
+        import numpy as np
+
+        yy, xx = np.nonzero(self.volume)
+        nk, nj, ni = volume_kji.shape
+        i = np.floor((xx - self.left) / (self.right - self.left) * ni).astype(int)
+        j = np.floor((yy - self.top) / (self.bottom - self.top) * nj).astype(int)
+        out = np.zeros(self.volume.shape, bool)
+        out[yy, xx] = volume_kji[nk // 2, j, i] > 0
+        return out
+
+    @staticmethod
+    def deepest(region) -> tuple[int, int]:
+        """The (x, y) pixel of ``region`` farthest from its border."""
+        import numpy as np
+        from scipy import ndimage
+
+        dist = ndimage.distance_transform_edt(region)
+        y, x = np.unravel_index(np.argmax(dist), dist.shape)
+        return int(x), int(y)
+
+    def next_click(self, shown) -> tuple[str, tuple[int, int]]:
+        """Where a user looking at the screen clicks next: the deepest point of the larger error, missed target
+        (include) or overlay beside it (exclude); errors thinner than 2 pixels are not seen."""
+        from scipy import ndimage
+
+        missed = ndimage.binary_opening(self.lesion & ~shown, iterations=2)
+        extra = ndimage.binary_opening(shown & ~self.lesion, iterations=2)
+        kind = "include" if missed.sum() >= extra.sum() else "exclude"
+        return kind, self.deepest(missed if kind == "include" else extra)

@@ -46,9 +46,17 @@ def test_client_only_install_has_no_torch_and_segments_through_a_server(tmp_path
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "MemorizingSAMLib", src / "MemorizingSAMLib", ignore=shutil.ignore_patterns("__pycache__"))
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "MemorizingSAMLib", src / "MemorizingSAMLib", ignore=ignore)
+    core = Path("MemorizingSAM") / "MemorizingSAMCore"
+    shutil.copytree(ROOT / core, src / core, ignore=ignore)
     r = subprocess.run([py, "-m", "pip", "install", "-q", str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Every package ships, the Slicer module's logic (for the web app) among them; none is imported here.
+    where = "import importlib.util as u, sys; print(*[bool(u.find_spec(m)) for m in sys.argv[1:]])"
+    packages = [".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "MemorizingSAMLib").rglob("__init__.py")]
+    r = subprocess.run([py, "-c", where, *packages, "MemorizingSAMCore"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stdout.split() == ["True"] * (len(packages) + 1), (packages, r.stdout, r.stderr)
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
     r = subprocess.run([venv / "bin" / "memsam", "info", "x.pt"], capture_output=True, text=True)

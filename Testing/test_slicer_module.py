@@ -462,13 +462,22 @@ def test_one_decode_per_click_in_placement_order_and_a_moved_point_costs_one(cor
         assert logic.last_decodes == 1
     placed = logic.session.placed(logic.segments[seg].sid)
     assert [p.include for p in placed] == [True, False, True, False, True, False]
-    # Drag the newest point: PointModified events while dragging, one recompute at the end, one decode.
+    # Drag the newest point: PointModified events while dragging, one recompute at the end, one decode. The
+    # GUI's timer (logic.schedule) fires between the moves, as Slicer's zero-delay timer does.
     node = node_of(logic, "exclude")
     jobs = logic.worker.submitted
+    timer: list = []
+    logic.schedule = timer.append
     node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
     for step in range(5):
         node.SetNthControlPointPositionWorld(2, *world(volume, centre + [8 + step, 0, 0]))
+        while timer:
+            timer.pop(0)()
+        assert logic.worker.submitted == jobs, "no recompute while the point is being dragged"
     node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    while timer:
+        timer.pop(0)()
+    logic.schedule = None
     logic.wait()
     assert logic.worker.submitted == jobs + 1 and logic.last_decodes == 1
     assert logic.session.placed(logic.segments[seg].sid)[-1].ijk[0] > centre[0] + 11
@@ -586,3 +595,42 @@ def test_remote_mode_sends_the_users_token_and_keeps_it_out_of_the_scene(core, t
     assert not ok and text.startswith("cannot reach")
     busy = remote.explain(RemoteError(503, "the server is saturated", retry_after=3), "http://gpu:8765")
     assert "saturated" in busy and "Try again in 3 s" in busy
+
+
+def test_segments_are_deleted_renamed_and_recoloured_with_their_prompts(core, logic):
+    """What the web app's segment list (and any front end) does through the logic: deleting a segment takes its
+    voxels, its prompt markups and its session segment; the next click goes to the segment made current; names and
+    colours reach the segment and its markups."""
+    volume, _, _, _ = oblique_volume(core)
+    logic.set_volume(volume)
+    a = logic.add_segment()
+    selftest.click(logic, world(volume, (30, 40, 20)))
+    b = logic.add_segment()
+    selftest.click(logic, world(volume, (31, 41, 20)))
+    kept = mrml.segment_array(logic.segmentation, a, volume)
+    sid_b = logic.segments[b].sid
+    b_nodes = [n.GetID() for k in markups.KINDS for n in markups.prompt_nodes(core.scene, volume.GetID(), b, k)]
+    assert b_nodes
+    logic.remove_segment(b)
+    assert logic.segmentation.GetSegmentation().GetSegment(b) is None
+    assert all(core.scene.GetNodeByID(i) is None for i in b_nodes)
+    with pytest.raises(ValueError, match=f"no segment {sid_b}"):  # PromptError
+        logic.worker.call(lambda: logic.session.mask(sid_b))
+    assert logic.current == a and [s["id"] for s in logic.segment_list()] == [a]
+    assert np.array_equal(mrml.segment_array(logic.segmentation, a, volume), kept)
+    assert b not in mrml.load_prompts(logic.segmentation)
+    # A new segment takes the free number, not a name already in use.
+    c = logic.add_segment()
+    assert logic.segmentation.GetSegmentation().GetSegment(c).GetName() == "Segment_2"
+
+    logic.rename_segment(a, "  lesion ")
+    assert logic.segmentation.GetSegmentation().GetSegment(a).GetName() == "lesion"
+    assert node_of(logic, "include", a).GetName().startswith("lesion include")
+    with pytest.raises(ValueError, match="needs a name"):
+        logic.rename_segment(a, " ")
+    logic.set_segment_colour(a, (0.2, 0.6, 0.9))
+    np.testing.assert_allclose(logic.segmentation.GetSegmentation().GetSegment(a).GetColor(), (0.2, 0.6, 0.9))
+    with pytest.raises(ValueError, match="three values in 0..1"):
+        logic.set_segment_colour(a, (1.2, 0, 0))
+    with pytest.raises(KeyError):
+        logic.remove_segment("no-such-segment")

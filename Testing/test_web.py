@@ -93,52 +93,12 @@ def wait_results(d, n: int, timeout: float = 60.0) -> None:
     browser.wait_until(lambda: results(d) >= n, timeout, f"{n} results written")
 
 
-def settled_frame(d, img, timeout: float = 10.0):
-    """The frame once two reads 0.3 s apart agree (the views stream a few frames after a change)."""
-    import time
-
-    prev = browser.frame(d, img)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        time.sleep(0.3)
-        cur = browser.frame(d, img)
-        if cur.shape == prev.shape and np.abs(cur.astype(int) - prev.astype(int)).max() <= 3:
-            return cur
-        prev = cur
-    return prev
-
-
 def open_sample(d) -> None:
     before = results(d)
     browser.element(d, "open-sample-lung2_crop").click()
     browser.wait_until(lambda: browser.state(d, "volume_name") == "lung2_crop.nii.gz", 30, "the lung sample")
     browser.wait_until(lambda: browser.state(d, "segments"), 30, "the first segment")
     assert results(d) == before
-
-
-class AxialGeometry:
-    """Where the volume and its lesion are drawn in the axial view's image (CSS pixels)."""
-
-    def __init__(self, rgb: np.ndarray) -> None:
-        bright = rgb.max(axis=2) > 12
-        ys, xs = np.nonzero(bright)
-        self.left, self.right, self.top, self.bottom = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        label = sitk.GetArrayFromImage(sitk.ReadImage(str(LUNG_LABEL)))  # [k, j, i]
-        nk, nj, ni = label.shape
-        k = (nk - 1) // 2 if nk % 2 else nk // 2  # the slice through the volume's centre
-        yy, xx = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
-        i = np.floor((xx - self.left) / (self.right - self.left) * ni).astype(int)
-        j = np.floor((yy - self.top) / (self.bottom - self.top) * nj).astype(int)
-        inside = (i >= 0) & (i < ni) & (j >= 0) & (j < nj)
-        self.volume = inside
-        self.lesion = np.zeros(rgb.shape[:2], bool)
-        self.lesion[inside] = label[k, j[inside], i[inside]] > 0
-
-    def deepest(self, region: np.ndarray) -> tuple[int, int]:
-        """The (x, y) pixel of ``region`` farthest from its border."""
-        dist = ndimage.distance_transform_edt(region)
-        y, x = np.unravel_index(np.argmax(dist), dist.shape)
-        return int(x), int(y)
 
 
 def use_tool(d, kind: str) -> None:
@@ -203,8 +163,8 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
     open_page(d, app.url)
     open_sample(d)
     img = browser.view_image(d, "Red")
-    f0 = settled_frame(d, img)
-    geo = AxialGeometry(f0)
+    f0 = browser.settled_frame(d, img)
+    geo = browser.ViewGeometry(f0, LUNG_LABEL)
     assert geo.lesion.sum() > 500, "the lesion should cover a good part of the axial view"
     assert browser.overlay(f0)[geo.volume].mean() < 0.001, "nothing is drawn before the first click"
 
@@ -214,7 +174,7 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
     browser.click_at(d, img, x, y)
     wait_results(d, 1)
     latency = browser.overlay_latency_ms(d)
-    f1 = settled_frame(d, img)
+    f1 = browser.settled_frame(d, img)
     drawn = browser.overlay(f1) & geo.volume
     d.save_screenshot(str(ART / "click1.png"))
     near = np.zeros_like(drawn)
@@ -243,7 +203,7 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
     browser.element(d, "undo").click()
     wait_results(d, 2)
     browser.wait_until(lambda: browser.overlay(browser.frame(d, img))[geo.volume].sum() < 20, 20, "the undo drawn")
-    f2 = settled_frame(d, img)
+    f2 = browser.settled_frame(d, img)
     d.save_screenshot(str(ART / "undo.png"))
     diff = np.abs(f2.astype(int) - f0.astype(int))[geo.volume].mean()
     ARTIFACTS["undo"] = {"mean_abs_diff_to_before": float(diff)}
@@ -258,17 +218,14 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
     made = results(d)
     seen = []
     for _ in range(2):
-        shown = browser.overlay(settled_frame(d, img)) & geo.volume
-        missed, extra = geo.lesion & ~shown, shown & ~geo.lesion
-        missed, extra = ndimage.binary_opening(missed, iterations=2), ndimage.binary_opening(extra, iterations=2)
-        kind = "include" if missed.sum() >= extra.sum() else "exclude"
+        shown = browser.overlay(browser.settled_frame(d, img)) & geo.volume
+        kind, (cx, cy) = geo.next_click(shown)
         use_tool(d, kind)
-        cx, cy = geo.deepest(missed if kind == "include" else extra)
         browser.click_at(d, img, cx, cy)
         made += 1
         wait_results(d, made)
         seen.append({"kind": kind, "xy": [cx, cy], "dice_on_screen_before": dice(shown, geo.lesion)})
-    final = browser.overlay(settled_frame(d, img)) & geo.volume
+    final = browser.overlay(browser.settled_frame(d, img)) & geo.volume
     seen.append({"dice_on_screen_after_3_clicks": dice(final, geo.lesion)})
     ARTIFACTS["clicks2_3"] = seen
     d.save_screenshot(str(ART / "lung_3_clicks.png"))
@@ -292,14 +249,8 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
         masks[fmt] = sitk.GetArrayFromImage(img_out) > 0
     assert (masks[".nii.gz"] == masks[".nrrd"]).all() and (masks[".nii.gz"] == masks[".seg.nrrd"]).all()
     mask = masks[".nii.gz"]
-    k = mask.shape[0] // 2
     # The exported centre slice, drawn into the view's rectangle, is what the browser showed.
-    yy, xx = np.nonzero(geo.volume)
-    i = np.floor((xx - geo.left) / (geo.right - geo.left) * mask.shape[2]).astype(int)
-    j = np.floor((yy - geo.top) / (geo.bottom - geo.top) * mask.shape[1]).astype(int)
-    on_screen = np.zeros_like(geo.volume)
-    on_screen[yy, xx] = mask[k, j, i]
-    agreement = dice(on_screen, final)
+    agreement = dice(geo.slice_on_screen(mask), final)
     precision3d = float((mask & lesion).sum()) / max(1, int(mask.sum()))
     ARTIFACTS["export"] = {
         "voxels": int(mask.sum()),
@@ -339,7 +290,7 @@ def test_segments_are_added_renamed_recoloured_and_deleted_from_the_list(app, ch
 
     # A box around the lesion, in two clicks, segments the new segment.
     img = browser.view_image(d, "Red")
-    geo = AxialGeometry(settled_frame(d, img))
+    geo = browser.ViewGeometry(browser.settled_frame(d, img), LUNG_LABEL)
     ys, xs = np.nonzero(geo.lesion)
     made = results(d)
     use_tool(d, "box")
@@ -348,7 +299,7 @@ def test_segments_are_added_renamed_recoloured_and_deleted_from_the_list(app, ch
     wait_results(d, made + 1)
     current = [s for s in browser.state(d, "segments") if s["current"]][0]
     assert current["name"] == "vessel" and current["prompts"] == 1
-    f = settled_frame(d, img)
+    f = browser.settled_frame(d, img)
     r, g, b = (f[..., c].astype(int) for c in range(3))
     blue = (b - r >= 40) & (b - g >= 10)  # palette[1] (0.2, 0.6, 0.9) over grey
     inner = np.zeros_like(blue)
@@ -363,7 +314,7 @@ def test_segments_are_added_renamed_recoloured_and_deleted_from_the_list(app, ch
 
     # Segments in 3D: the 3D view draws their surfaces once asked to.
     three_d = browser.view_image(d, "ThreeD")
-    before_3d = browser.overlay(settled_frame(d, three_d)).sum()
+    before_3d = browser.overlay(browser.settled_frame(d, three_d)).sum()
     d.find_element(By.XPATH, "//label[normalize-space()='Show segments in 3D']").click()
     browser.wait_until(
         lambda: browser.overlay(browser.frame(d, three_d)).sum() > before_3d + 200, 30, "the segments in 3D"
@@ -411,7 +362,7 @@ def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path,
                 assert "remote" in browser.state(d, "status")
                 open_sample(d)
                 img = browser.view_image(d, "Red")
-                geo = AxialGeometry(settled_frame(d, img))
+                geo = browser.ViewGeometry(browser.settled_frame(d, img), LUNG_LABEL)
                 use_tool(d, "include")
                 x, y = geo.deepest(geo.lesion)
                 browser.click_at(d, img, x, y)

@@ -13,6 +13,7 @@ The library (and torch) is imported when a model is loaded, not when Slicer star
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +75,8 @@ class Result:
     voxels: np.ndarray | None
     placed: tuple
     timing: dict
+    started: float = 0.0  # perf_counter on the worker when the job began and ended
+    finished: float = 0.0
 
 
 @dataclass
@@ -124,6 +127,7 @@ class SegmentationLogic(VTKObservationMixin):
         self.records: dict[str, Record] = {}
         self.last_latency_ms = 0.0
         self.last_decodes = 0
+        self.last_breakdown: dict[str, float] = {}
         self.loaded_on = ""  # the thread the model was loaded on
         self._tags = 0
         self._muted = 0
@@ -139,6 +143,14 @@ class SegmentationLogic(VTKObservationMixin):
             self._selection(), slicer.vtkMRMLSelectionNode.ActivePlaceNodeIDChangedEvent, self._on_active_place_node
         )
         self.addObserver(scene, slicer.vtkMRMLScene.StartSaveEvent, self.save_prompts)
+        # One handler per event id: VTK hands Python observers an event *name*, and for the markups' own events
+        # (ids past vtkCommand::UserEvent) that name is "NoEvent", so one shared handler could not tell a drag's
+        # start and end from a move.
+        self._markups_handlers = {
+            event: functools.partial(self._on_markups_event, event)
+            for event in [getattr(slicer.vtkMRMLMarkupsNode, name) for name in self.EVENTS]
+            + [vtk.vtkCommand.ModifiedEvent]
+        }
 
     # ----------------------------------------------------------------------------------------------- model
     def load_model(self, choice: ModelChoice = ModelChoice()):
@@ -419,20 +431,22 @@ class SegmentationLogic(VTKObservationMixin):
 
     # -------------------------------------------------------------------------------------------- prompts
     def _observe(self, node) -> None:
-        for name in self.EVENTS:
-            event = getattr(slicer.vtkMRMLMarkupsNode, name)
-            if not self.hasObserver(node, event, self._on_markups):
-                self.addObserver(node, event, self._on_markups)
-        if node.IsA("vtkMRMLMarkupsROINode") and not self.hasObserver(
-            node, vtk.vtkCommand.ModifiedEvent, self._on_markups
-        ):
-            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self._on_markups)
+        for event, handler in self._markups_handlers.items():
+            if event == vtk.vtkCommand.ModifiedEvent and not node.IsA("vtkMRMLMarkupsROINode"):
+                continue
+            if not self.hasObserver(node, event, handler):
+                self.addObserver(node, event, handler)
 
     def _unobserve_prompts(self) -> None:
-        self.removeObservers(method=self._on_markups)
+        for handler in self._markups_handlers.values():
+            self.removeObservers(method=handler)
         self._dragging.clear()
 
-    def _on_markups(self, node, event) -> None:
+    def _on_markups_event(self, event: int, node, _name: str) -> None:
+        self._on_markups(node, event)
+
+    def _on_markups(self, node, event: int) -> None:
+        """``event``: the event's id (vtkMRMLMarkupsNode.PointModifiedEvent, ...)."""
         if self._muted:
             return
         who = markups.owner(node)
@@ -457,6 +471,11 @@ class SegmentationLogic(VTKObservationMixin):
             if self.schedule is not None:
                 self.schedule(self.flush)
         self._dirty.add(who.segment_id)
+        if event == slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent and node.IsA("vtkMRMLMarkupsFiducialNode"):
+            # A point list's placement ends with its point defined (its position is final): read it now, not
+            # behind whatever the GUI thread does next (the views' renders, in the web app ~0.1 s). An ROI is
+            # still mid-update at this event and waits for the scheduled read.
+            self.flush()
 
     def flush(self) -> None:
         """Read the segments whose markups changed and send their prompts (see :attr:`schedule`)."""
@@ -555,9 +574,15 @@ class SegmentationLogic(VTKObservationMixin):
         seg.sent = prompts
         session = self.session
 
+        flushed = time.perf_counter()
+
         def job():
             # Each change is its own step (undo takes back one click), queued behind the running ones.
-            return self._result(seg.sid, session.set_prompts(list(prompts), seg.sid))
+            started = time.perf_counter()
+            result = self._result(seg.sid, session.set_prompts(list(prompts), seg.sid))
+            result.started, result.finished = started, time.perf_counter()
+            result.timing["flushed"] = flushed
+            return result
 
         def done(result):
             self._write(segment_id, result, t0)
@@ -575,11 +600,23 @@ class SegmentationLogic(VTKObservationMixin):
         return Result(region, voxels, tuple(session.placed(sid)), dict(session.last_timing))
 
     def _write(self, segment_id: str, result: Result, t0: float | None = None) -> None:
+        delivered = time.perf_counter()
         if result.region is not None:
             mrml.write_segment_region(self.segmentation, segment_id, self.volume, result.voxels, result.region.slices)
         if t0 is not None:
-            self.last_latency_ms = (time.perf_counter() - t0) * 1e3
+            written = time.perf_counter()
+            self.last_latency_ms = (written - t0) * 1e3
             self.last_decodes = int(result.timing.get("decodes", 0))
+            # Where the click's time went (ms): the markups events read, waiting for the model thread, the
+            # session's work, waiting for the GUI thread to take the result, and the write into the segment.
+            flushed = result.timing.get("flushed", t0)
+            self.last_breakdown = {
+                "read_markups": round((flushed - t0) * 1e3, 2),
+                "queued": round((result.started - flushed) * 1e3, 2),
+                "session": round((result.finished - result.started) * 1e3, 2),
+                "delivered": round((delivered - result.finished) * 1e3, 2),
+                "write": round((written - delivered) * 1e3, 2),
+            }
         self.on_result(segment_id)
 
     def save_prompts(self, caller=None, event=None) -> None:

@@ -131,6 +131,7 @@ class WebApp:
         s.results = 0  # results written into the segmentation so far (tests and benchmarks wait on it)
         s.latency_ms = None
         s.decodes = None
+        s.latency_breakdown = {}
         s.export_format = EXPORT_FORMATS[0]
         s.export_file = ""
         s.export_formats = list(EXPORT_FORMATS)
@@ -147,6 +148,14 @@ class WebApp:
     # ------------------------------------------------------------------------------------------ threads
     def _server_ready(self, **_) -> None:
         self._loop = asyncio.get_event_loop()
+        if not self.config.server_url:
+            import torch
+
+            # The views render on this process's loop and, on a CPU-only machine, with Mesa's threads: by default
+            # the model leaves them a core (measured in benchmarks/bench_web.py). Set on the model thread itself:
+            # torch's CPU thread count belongs to the calling thread.
+            threads = self.config.threads or max(1, (os.cpu_count() or 2) - 1)
+            self.worker.submit(lambda: torch.set_num_threads(int(threads)))
         self._model_future = self.logic.load_model(self.choice)
 
     def _wake(self) -> None:
@@ -209,6 +218,7 @@ class WebApp:
         self.state.results += 1
         self.state.latency_ms = round(self.logic.last_latency_ms, 1)
         self.state.decodes = self.logic.last_decodes
+        self.state.latency_breakdown = dict(self.logic.last_breakdown)
         self._on_segments()
 
     # ------------------------------------------------------------------------------------ page -> logic

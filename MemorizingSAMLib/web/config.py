@@ -25,6 +25,7 @@ class WebConfig:
     memory: str | None = None
     use_memory: bool = True
     device: str = "cpu"
+    threads: int | None = None  # torch's CPU threads for the clicks (None: one core fewer than the machine has)
     server_url: str | None = None
     token: str | None = None
     ca_file: str | None = None
