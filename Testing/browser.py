@@ -173,13 +173,14 @@ def overlay_latency_ms(d, timeout: float = 60.0) -> float:
 
 _FRAME_JS = """
 const img = arguments[0];
+if (!img.complete || !img.naturalWidth || !img.clientWidth) return null;
 const c = document.createElement('canvas'); c.width = img.clientWidth; c.height = img.clientHeight;
 c.getContext('2d').drawImage(img, 0, 0, c.width, c.height);
 return c.toDataURL('image/png');
 """
 
 
-def frame(d, img):
+def frame(d, img, timeout: float = 30.0):
     """The frame the image shows now, as an [y, x, rgb] uint8 array at its CSS pixel size."""
     import base64
     import io
@@ -187,7 +188,8 @@ def frame(d, img):
     import numpy as np
     from PIL import Image
 
-    url = d.execute_script(_FRAME_JS, img)
+    # None until the view has shown its first frame (a new volume's views start empty).
+    url = wait_until(lambda: d.execute_script(_FRAME_JS, img), timeout, "a frame in the view")
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
 
 
