@@ -624,6 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Options several sub-commands share, as parent parsers.
     dev = argparse.ArgumentParser(add_help=False)
     dev.add_argument("--device", help="cpu or cuda (default: cuda if available; under torchrun each rank's own GPU)")
+    served = argparse.ArgumentParser(add_help=False)  # what serve and web run and where they listen
+    served.add_argument("--model", help="checkpoint (default: the shipped default model; web: with its memory bank)")
+    served.add_argument("--memory", help="memory bank for the model")
+    served.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     # The commands that run data-parallel under torchrun.
     dist = argparse.ArgumentParser(add_help=False)
     dist.add_argument(
@@ -755,12 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "serve",
         _cmd_serve,
-        parents=[dev],
+        parents=[dev, served],
         help="HTTP inference server for remote clients (Slicer's remote mode, RemoteSession)",
     )
-    p.add_argument("--model", help="checkpoint (default: the shipped default model)")
-    p.add_argument("--memory", help="memory bank for the model")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--token-file", help="file holding one bearer token that every client sends (one user)")
     p.add_argument("--users-file", help="users and their token hashes ('memsam users add'); re-read when it changes")
@@ -791,11 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "web",
         _cmd_web,
-        parents=[dev],
+        parents=[dev, served],
         help="the interactive tool in a web browser, on Slicer's core (trame-slicer; needs the [web] extra)",
     )
-    p.add_argument("--model", help="checkpoint (default: the shipped default model with its memory bank)")
-    p.add_argument("--memory", help="memory bank for the model")
     p.add_argument("--no-memory", action="store_true", help="no memory bank, not even the default model's")
     p.add_argument("--server", help="run the clicks on this 'memsam serve' (URL) instead of in this process")
     p.add_argument("--token-file", help="the server's token for --server (or MEMSAM_TOKEN in the environment)")
@@ -803,7 +802,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir", action="append", help="folder whose volumes the page may open (repeatable; samples always)"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
         "--allow-remote-browsers", action="store_true", help="bind beyond loopback (behind an authenticating proxy)"
