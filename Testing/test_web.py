@@ -333,6 +333,8 @@ def test_volumes_open_from_an_upload_and_from_the_server_folder_and_bad_files_ar
 
     d = chrome
     open_page(d, app.url)
+    open_sample(d)
+    sample_segments = [(x["id"], x["name"], x["prompts"]) for x in browser.state(d, "segments")]
     upload = d.find_element(By.CSS_SELECTOR, "#upload, input#upload")
     upload.send_keys(str(LUNG))
     browser.wait_until(lambda: browser.state(d, "volume_name") == "lung2_crop.nii.gz", 30, "the uploaded volume")
@@ -349,6 +351,16 @@ def test_volumes_open_from_an_upload_and_from_the_server_folder_and_bad_files_ar
     browser.element(d, "open-volume").click()
     browser.wait_until(lambda: browser.state(d, "volume_name") == "chest_ct.nrrd", 30, "the server file")
     assert browser.state(d, "segments"), "a segment is ready on the new volume"
+    assert [x["id"] for x in browser.state(d, "segments")] != [x[0] for x in sample_segments]
+
+    # Back to the sample: its own node again, with its segments and prompts, nothing lost or duplicated.
+    browser.element(d, "open-sample-lung2_crop").click()
+    browser.wait_until(lambda: browser.state(d, "volume_name") == "lung2_crop.nii.gz", 30, "the sample again")
+    browser.wait_until(
+        lambda: [(x["id"], x["name"], x["prompts"]) for x in browser.state(d, "segments")] == sample_segments,
+        30,
+        "the sample's segments back",
+    )
 
 
 def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path, downloads):

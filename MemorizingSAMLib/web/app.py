@@ -22,7 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import EXPORT_FORMATS, Volume, WebConfig, data_files, export_name, safe_upload_name, samples
+from .config import (
+    EXPORT_FORMATS,
+    Volume,
+    WebConfig,
+    data_files,
+    export_name,
+    is_volume_file,
+    safe_upload_name,
+    samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +121,7 @@ class WebApp:
         self._model_future = None
         self._pending_volume = None
         self.volume_node = None
+        self._opened: dict[str, object] = {}  # path -> its volume node
         self.volumes: dict[str, Volume] = {v.key: v for v in samples(sample_data_dir())}
         self.volumes.update({v.key: v for v in data_files(tuple(config.data_dirs))})
         self._upload_dir = tempfile.TemporaryDirectory(prefix="memsam-web-")
@@ -269,31 +279,38 @@ class WebApp:
         self._guard(self._load_file, volume.path)
 
     def upload(self, files: list[dict]) -> None:
-        """Volumes sent from the browser: written into this app's own upload folder under a plain name."""
+        """Volumes sent from the browser, written into this app's own upload folder under plain names; the first
+        volume file is opened (a detached NRRD header comes with its data file: upload both)."""
         from trame.app.file_upload import ClientFile
 
         if not files:
             return
         try:
-            f = ClientFile(files[0])
-            name = safe_upload_name(f.name)
+            uploaded = [ClientFile(f) for f in files]
+            names = [safe_upload_name(f.name, companion=True) for f in uploaded]
+            volume = next((n for n in names if is_volume_file(n)), None)
+            if volume is None:
+                safe_upload_name(uploaded[0].name)  # raises, naming the file and what is accepted
         except ValueError as error:
             self.state.error = str(error)
             return
         folder = Path(self._upload_dir.name) / f"{time.monotonic_ns()}"
         folder.mkdir()
-        path = folder / name
-        path.write_bytes(f.content)
-        self._guard(self._load_file, str(path))
+        for f, name in zip(uploaded, names):
+            (folder / name).write_bytes(f.content)
+        self._guard(self._load_file, str(folder / volume))
 
     def _load_file(self, path: str) -> None:
         """Read the volume with Slicer's reader, show it, and segment it once the model is ready."""
         self.state.error = ""
         self.state.status = f"Reading {Path(path).name}..."
-        nodes = self.slicer_app.io_manager.load_volumes([path])
-        if not nodes:
-            raise OSError(f"Slicer could not read {path}")
-        node = nodes[0]
+        node = self._opened.get(path)
+        if node is None or node.GetScene() is None:
+            # A file opened before keeps its node: its segments and prompts resume instead of a second copy.
+            nodes = self.slicer_app.io_manager.load_volumes([path])
+            if not nodes:
+                raise OSError(f"Slicer could not read {path}")
+            node = self._opened[path] = nodes[0]
         if self.volume_node is not None and self.volume_node is not node:
             self.logic.save_prompts()
         self.volume_node = node
@@ -322,6 +339,12 @@ class WebApp:
 
     def _start_segmenting(self, node) -> None:
         self.logic.set_volume(node)
+        # Only this volume's segments are drawn (another volume's would lie over it where their grids overlap).
+        segmentations = self.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        for i in range(segmentations.GetNumberOfItems()):
+            seg = segmentations.GetItemAsObject(i)
+            if seg.GetDisplayNode() is not None:
+                seg.GetDisplayNode().SetVisibility(seg is self.logic.segmentation)
         if not self.logic.segments:
             self.logic.add_segment()
         self._show_3d_changed(self.state.show_3d)
@@ -440,8 +463,9 @@ class WebApp:
                         label="Upload a volume",
                         density="compact",
                         hide_details=True,
-                        accept=".nii,.gz,.nrrd,.nhdr,.mha,.mhd",
+                        accept=".nii,.gz,.nrrd,.nhdr,.mha,.mhd,.raw,.img,.zraw",
                         change=f"trigger('{upload}', [$event.target.files])",
+                        multiple=True,
                         id="upload",
                     )
                     v3.VDivider(classes="my-3")

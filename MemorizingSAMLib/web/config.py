@@ -81,11 +81,16 @@ def data_files(data_dirs: tuple[str, ...], limit: int = 500) -> list[Volume]:
     return out
 
 
-def safe_upload_name(name: str) -> str:
-    """A browser's file name reduced to a plain name in the upload folder (no folders, no '..')."""
+COMPANION_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".img", ".img.gz")  # data files of .nhdr / .mhd headers
+
+
+def safe_upload_name(name: str, companion: bool = False) -> str:
+    """A browser's file name reduced to a plain name in the upload folder (no folders, no '..'). ``companion``:
+    a header's data file is accepted too."""
     base = Path(name.replace("\\", "/")).name
     base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")
-    if not base or not is_volume_file(base):
+    ok = bool(base) and (is_volume_file(base) or (companion and base.lower().endswith(COMPANION_SUFFIXES)))
+    if not ok:
         raise ValueError(f"{name!r} is not a volume file ({', '.join(VOLUME_SUFFIXES)})")
     return base
 
