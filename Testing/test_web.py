@@ -391,3 +391,27 @@ def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path,
     local = sitk.GetArrayFromImage(sitk.ReadImage(str(local_path)))
     assert remote.sum() > 0
     assert (remote == local).all(), "the same click gives the same mask through the server"
+
+
+def test_an_unreachable_server_is_said_on_the_page_and_the_model_loads_once_it_answers(tmp_path, downloads):
+    from MemorizingSAMLib.server_process import free_port
+
+    port = free_port()
+    with web_process("--server", f"http://127.0.0.1:{port}") as remote_app:
+        d = browser.start_chromium(downloads)
+        try:
+            d.get(remote_app.url + "/")
+            browser.wait_until(lambda: browser.state(d, "model_error"), 60, "the load error")
+            assert "cannot reach" in browser.element(d, "error").text
+            assert not browser.state(d, "busy"), "nothing runs: no spinner"
+            open_sample_button = browser.element(d, "open-sample-lung2_crop")
+            open_sample_button.click()
+            browser.wait_until(lambda: browser.state(d, "volume_loaded"), 30, "the volume shown anyway")
+            assert "did not load" in browser.state(d, "error")
+            with ServerProcess([], port=port):
+                browser.element(d, "retry-model").click()
+                browser.wait_until(lambda: browser.state(d, "model_ready"), 60, "the model through the server")
+                browser.wait_until(lambda: browser.state(d, "segments"), 30, "segmenting the waiting volume")
+                assert not browser.state(d, "error")
+        finally:
+            d.quit()

@@ -131,6 +131,7 @@ class WebApp:
         s.status = "Loading the model..."
         s.busy = True
         s.model_ready = False
+        s.model_error = ""
         s.volume_loaded = False
         s.volume_name = ""
         s.tool = None
@@ -184,7 +185,7 @@ class WebApp:
     def _run(self, fn) -> None:
         with self.state:
             fn()
-            self.state.busy = self.worker.busy or not self.state.model_ready
+            self._update_busy()
 
     def _deliver(self) -> None:
         with self.state:
@@ -195,11 +196,24 @@ class WebApp:
                 self._on_status(f"Error: {error}")
             if not self.state.model_ready and self._model_future is not None and self._model_future.done():
                 self._model_loaded()
-            self.state.busy = self.worker.busy or not self.state.model_ready
+            self._update_busy()
+
+    def _update_busy(self) -> None:
+        loading = self._model_future is not None and not self.state.model_ready
+        self.state.busy = self.worker.busy or loading
+
+    def retry_model(self) -> None:
+        """Load the model again (after the server was unreachable, say)."""
+        if self._model_future is None and not self.state.model_ready:
+            self.state.model_error = ""
+            self.state.error = ""
+            self._model_future = self.logic.load_model(self.choice)
+            self._update_busy()
 
     def _model_loaded(self) -> None:
         if self._model_future.exception() is not None:
-            self.state.error = f"The model did not load: {self._model_future.exception()}"
+            self.state.model_error = f"The model did not load: {self._model_future.exception()}"
+            self.state.error = self.state.model_error
             self.state.model_ready = False
             self._model_future = None
             return
@@ -242,7 +256,7 @@ class WebApp:
             self.state.status = f"Error: {text}"
             return None
         finally:
-            self.state.busy = self.worker.busy or not self.state.model_ready
+            self._update_busy()
 
     def _tool_changed(self, tool=None, **_) -> None:
         if tool == self.logic.tool:
@@ -333,6 +347,9 @@ class WebApp:
         self.state.volume_loaded = True
         if self.state.model_ready:
             self._start_segmenting(node)
+        elif self.state.model_error:
+            self._pending_volume = node
+            self.state.error = self.state.model_error
         else:
             self._pending_volume = node
             self.state.status = f"{node.GetName()} open; waiting for the model..."
@@ -550,6 +567,14 @@ class WebApp:
                             classes="ml-1",
                             id="export",
                         )
+                    v3.VBtn(
+                        "Load the model again",
+                        v_show=("model_error",),
+                        click=self.retry_model,
+                        size="small",
+                        classes="mt-3",
+                        id="retry-model",
+                    )
                     v3.VAlert(
                         "{{ error }}",
                         v_show=("error",),
