@@ -173,8 +173,15 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
     use_tool(d, "include")
     x, y = geo.deepest(geo.lesion)
     browser.watch_overlay(d, img, click=(x, y), results=results(d) + 1)
+    # The busy indicator while the first click (which encodes) runs, and not after.
+    d.execute_script(
+        "window.__busySeen = false; window.__busyTimer = setInterval(() => {"
+        " if (window.trame.state.get('busy')) window.__busySeen = true; }, 5);"
+    )
     browser.click_at(d, img, x, y)
     wait_results(d, 1)
+    browser.wait_until(lambda: not browser.state(d, "busy"), 10, "the busy indicator to go")
+    assert d.execute_script("clearInterval(window.__busyTimer); return window.__busySeen"), "busy was shown"
     latency = browser.overlay_latency_ms(d)
     f1 = browser.settled_frame(d, img)
     drawn = browser.overlay(f1) & geo.volume
