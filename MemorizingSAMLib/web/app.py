@@ -49,6 +49,13 @@ PALETTE = [
 TOOLS = ("include", "exclude", "box")
 
 
+def button(label: str, element_id: str, click, **kwargs):
+    """A small button with an id (what the browser tests, and scripts driving the page, find it by)."""
+    from trame_vuetify.widgets import vuetify3 as v3
+
+    return v3.VBtn(label, click=click, size="small", id=element_id, **{"classes": "ml-1", **kwargs})
+
+
 def _hex(rgb) -> str:
     return "#" + "".join(f"{round(float(c) * 255):02x}" for c in rgb)
 
@@ -459,22 +466,14 @@ class WebApp:
                         id="volume-select",
                     )
                     with html.Div(classes="d-flex my-2"):
-                        v3.VBtn(
-                            "Open",
-                            click=self.open_volume,
-                            disabled=("!volume_choice",),
-                            size="small",
-                            id="open-volume",
-                        )
+                        button("Open", "open-volume", self.open_volume, disabled=("!volume_choice",))
                         for v in self.volumes.values():
                             if v.key.startswith("sample:"):
-                                v3.VBtn(
+                                button(
                                     v.key.split(":", 1)[1].split("_")[0],
-                                    click=(self.open_volume, f"['{v.key}']"),
-                                    size="small",
+                                    f"open-{v.key.replace(':', '-')}",
+                                    (self.open_volume, f"['{v.key}']"),
                                     variant="tonal",
-                                    classes="ml-1",
-                                    id=f"open-{v.key.replace(':', '-')}",
                                 )
                     v3.VFileInput(
                         label="Upload a volume",
@@ -498,9 +497,9 @@ class WebApp:
                         v3.VBtn("Exclude", value="exclude", id="tool-exclude", size="small")
                         v3.VBtn("Box", value="box", id="tool-box", size="small")
                     with html.Div(classes="d-flex my-2"):
-                        v3.VBtn("Undo", click=(self.history, "['undo']"), size="small", id="undo")
-                        v3.VBtn("Redo", click=(self.history, "['redo']"), size="small", classes="ml-1", id="redo")
-                        v3.VBtn("Reset", click=(self.history, "['reset']"), size="small", classes="ml-1", id="reset")
+                        button("Undo", "undo", (self.history, "['undo']"), classes="")
+                        button("Redo", "redo", (self.history, "['redo']"))
+                        button("Reset", "reset", (self.history, "['reset']"))
                     v3.VDivider(classes="my-3")
                     html.Div("Segments", classes="text-subtitle-2")
                     with v3.VList(density="compact", id="segments"):
@@ -517,17 +516,8 @@ class WebApp:
                                 v3.VSpacer()
                                 html.Span("{{ s.prompts }} prompt(s)", classes="text-caption")
                     with html.Div(classes="d-flex my-2"):
-                        v3.VBtn(
-                            "Add", click=self.add_segment, size="small", id="add-segment", disabled=("!volume_loaded",)
-                        )
-                        v3.VBtn(
-                            "Delete",
-                            click=self.delete_segment,
-                            size="small",
-                            classes="ml-1",
-                            id="delete-segment",
-                            disabled=("!current_segment",),
-                        )
+                        button("Add", "add-segment", self.add_segment, disabled=("!volume_loaded",), classes="")
+                        button("Delete", "delete-segment", self.delete_segment, disabled=("!current_segment",))
                     with html.Div(classes="d-flex align-center"):
                         v3.VTextField(
                             v_model=("segment_name",),
@@ -536,7 +526,7 @@ class WebApp:
                             hide_details=True,
                             id="segment-name",
                         )
-                        v3.VBtn("Rename", click=self.rename_segment, size="small", classes="ml-1", id="rename")
+                        button("Rename", "rename", self.rename_segment)
                     with html.Div(classes="d-flex my-2"):
                         html.Div(
                             v_for="(c, i) in palette",
@@ -559,21 +549,14 @@ class WebApp:
                             hide_details=True,
                             id="export-format",
                         )
-                        v3.VBtn(
+                        button(
                             "Download",
-                            click=(f"utils.download(export_file, trigger('{download}'), 'application/octet-stream')"),
+                            "export",
+                            f"utils.download(export_file, trigger('{download}'), 'application/octet-stream')",
                             disabled=("!volume_loaded",),
-                            size="small",
-                            classes="ml-1",
-                            id="export",
                         )
-                    v3.VBtn(
-                        "Load the model again",
-                        v_show=("model_error",),
-                        click=self.retry_model,
-                        size="small",
-                        classes="mt-3",
-                        id="retry-model",
+                    button(
+                        "Load the model again", "retry-model", self.retry_model, v_show=("model_error",), classes="mt-3"
                     )
                     v3.VAlert(
                         "{{ error }}",
