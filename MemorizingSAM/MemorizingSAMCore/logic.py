@@ -295,9 +295,7 @@ class SegmentationLogic(VTKObservationMixin):
 
     def remove_segment(self, segment_id: str) -> None:
         """Delete the segment: its voxels, its prompt markups and its session segment (after running clicks)."""
-        self._require_volume()
-        if segment_id not in self.segments:
-            raise KeyError(f"segment {segment_id!r} was not made by MemorizingSAM on this volume")
+        self._segment(segment_id)  # refuses segments the module did not make
         self.wait()
         seg = self.segments.pop(segment_id)
         self._muted += 1
@@ -340,7 +338,9 @@ class SegmentationLogic(VTKObservationMixin):
 
     def segment_list(self) -> list[dict]:
         """The module's segments in creation order: id, name, colour (0..1 RGB), prompts placed, current."""
-        segmentation = self.segmentation.GetSegmentation() if self.segmentation is not None else None
+        if self.segmentation is None:
+            return []
+        segmentation = self.segmentation.GetSegmentation()
         out = []
         for segment_id, seg in self.segments.items():
             segment = segmentation.GetSegment(segment_id)
@@ -736,6 +736,9 @@ class SegmentationLogic(VTKObservationMixin):
         return self.app_logic.GetSelectionNode()
 
 
+# Segment colours (0..1 RGB), in the order new segments take them.
+PALETTE = ((0.9, 0.4, 0.1), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.8, 0.3, 0.8), (0.9, 0.8, 0.2), (0.4, 0.8, 0.8))
+
+
 def _colour(n: int) -> tuple[float, float, float]:
-    palette = [(0.9, 0.4, 0.1), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.8, 0.3, 0.8), (0.9, 0.8, 0.2), (0.4, 0.8, 0.8)]
-    return palette[(n - 1) % len(palette)]
+    return PALETTE[(n - 1) % len(PALETTE)]

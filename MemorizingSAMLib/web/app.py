@@ -35,18 +35,8 @@ from .config import (
 
 log = logging.getLogger(__name__)
 
-# Colours offered for a segment (0..1 RGB): the module's palette and a few more.
-PALETTE = [
-    (0.9, 0.4, 0.1),
-    (0.2, 0.6, 0.9),
-    (0.3, 0.8, 0.3),
-    (0.8, 0.3, 0.8),
-    (0.9, 0.8, 0.2),
-    (0.4, 0.8, 0.8),
-    (0.9, 0.2, 0.3),
-    (0.6, 0.4, 0.2),
-]
-TOOLS = ("include", "exclude", "box")
+# Colours the page offers beyond the module's own (MemorizingSAMCore.logic.PALETTE, 0..1 RGB).
+EXTRA_COLOURS = ((0.9, 0.2, 0.3), (0.6, 0.4, 0.2))
 
 
 def button(label: str, element_id: str, click, **kwargs):
@@ -80,8 +70,8 @@ class WebApp:
     def __init__(self, config: WebConfig, server=None) -> None:
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # off-screen, no display needed
         _module_core_path()
-        from MemorizingSAMCore import standalone
-        from MemorizingSAMCore.logic import ModelChoice, SegmentationLogic
+        from MemorizingSAMCore import markups, standalone
+        from MemorizingSAMCore.logic import PALETTE, ModelChoice, SegmentationLogic
         from MemorizingSAMCore.worker import ModelWorker
         from trame.app import get_server
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -90,6 +80,8 @@ class WebApp:
         from ..resources import sample_data_dir
 
         self.config = config
+        self.palette = tuple(PALETTE) + EXTRA_COLOURS
+        self.tools = markups.KINDS
         self.server = get_server(server, client_type="vue3")
         self.server.options["ws_max_msg_size"] = int(config.max_upload_mb) * 1024 * 1024
         self.state, self.ctrl = self.server.state, self.server.controller
@@ -127,7 +119,6 @@ class WebApp:
         )
         self._model_future = None
         self._pending_volume = None
-        self.volume_node = None
         self._opened: dict[str, object] = {}  # path -> its volume node
         self.volumes: dict[str, Volume] = {v.key: v for v in samples(sample_data_dir())}
         self.volumes.update({v.key: v for v in data_files(tuple(config.data_dirs))})
@@ -145,7 +136,7 @@ class WebApp:
         s.segments = []
         s.current_segment = None
         s.segment_name = ""
-        s.palette = [_hex(c) for c in PALETTE]
+        s.palette = [_hex(c) for c in self.palette]
         s.results = 0  # results written into the segmentation so far (tests and benchmarks wait on it)
         s.latency_ms = None
         s.decodes = None
@@ -268,7 +259,7 @@ class WebApp:
     def _tool_changed(self, tool=None, **_) -> None:
         if tool == self.logic.tool:
             return
-        if tool is not None and tool not in TOOLS:
+        if tool is not None and tool not in self.tools:
             return
         if self.logic.session is None:
             self.state.tool = None
@@ -332,9 +323,6 @@ class WebApp:
             if not nodes:
                 raise OSError(f"Slicer could not read {path}")
             node = self._opened[path] = nodes[0]
-        if self.volume_node is not None and self.volume_node is not node:
-            self.logic.save_prompts()
-        self.volume_node = node
         display = self.slicer_app.display_manager
         display.show_volume_in_slice_background(node)
         display.show_volume_in_slice_foreground(None)
@@ -392,7 +380,7 @@ class WebApp:
 
     def colour_segment(self, index: int) -> None:
         if self.logic.current is not None:
-            self._guard(self.logic.set_segment_colour, self.logic.current, PALETTE[int(index) % len(PALETTE)])
+            self._guard(self.logic.set_segment_colour, self.logic.current, self.palette[int(index) % len(self.palette)])
 
     def history(self, action: str) -> None:
         if action not in ("undo", "redo", "reset"):
