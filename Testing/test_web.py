@@ -56,7 +56,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(data_dir):
-    # One model thread here and in the remote test's server: masks are compared bit for bit, and GEMM
+    # One model thread here and in the remote test's server: their masks are compared, and GEMM
     # reductions split over other thread counts may round borderline voxels the other way.
     with web_process("--data-dir", str(data_dir), "--threads", "1") as p:
         yield p
@@ -399,8 +399,24 @@ def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path,
         pytest.skip("needs the local click of test_a_click_on_the_lesion... (run the file whole)")
     local = sitk.GetArrayFromImage(sitk.ReadImage(str(local_path)))
     assert remote.sum() > 0
-    ARTIFACTS["remote"] = {"click_xy": [x, y], "voxels_differing_from_local": int((remote != local).sum())}
-    assert (remote == local).all(), "the same click gives the same mask through the server"
+    differ = remote != local
+    # Bit-identical on the machines tried (AVX-512, and AVX2 through ONEDNN_MAX_CPU_ISA); on one CI machine a few
+    # voxels differed although both processes run one model thread: float GEMM results are not guaranteed to be
+    # reproducible across processes (MKL's depend on buffer alignment unless MKL_CBWR is set). Such rounding can
+    # flip only voxels whose logit is near 0, i.e. on the mask's surface; a wrong prompt, grid or segment differs
+    # inside or far from it.
+    fg = local > 0
+    surface = ndimage.binary_dilation(fg, iterations=2) & ~ndimage.binary_erosion(fg, iterations=2)
+    ARTIFACTS["remote"] = {
+        "click_xy": [x, y],
+        "voxels_differing_from_local": int(differ.sum()),
+        "of_them_off_the_surface": int((differ & ~surface).sum()),
+        "local_voxels": int(fg.sum()),
+    }
+    assert set(np.unique(remote)) == set(np.unique(local)), "the same segments come back"
+    report = ARTIFACTS["remote"]
+    assert differ.sum() <= 0.01 * fg.sum(), f"the same click gives the same mask through the server: {report}"
+    assert not (differ & ~surface).any(), f"differences only where rounding can make them: {report}"
 
 
 def test_an_unreachable_server_is_said_on_the_page_and_the_model_loads_once_it_answers(tmp_path, downloads):
