@@ -356,8 +356,16 @@ def _train_config(args: argparse.Namespace, steps: int, **overrides):
         "seed": args.seed,
         "log_every": args.log_every,
         "checkpoint_every": args.checkpoint_every,
+        "click_loss": args.click_loss,
     }
     return TrainConfig(steps=steps, **{**shared, **overrides})
+
+
+def _augment_config(args: argparse.Namespace, **overrides):
+    """The crops' augmentation from the shared training options, plus ``overrides``."""
+    from .training.data import AugmentConfig
+
+    return AugmentConfig(click_offset=args.click_offset, **overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -380,7 +388,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     cfg = _train_config(args, args.steps, lr=args.lr, max_clicks=args.max_clicks, keep_every=args.keep_every)
-    ck = train(model, data, args.out, cfg, device=device, resume=not args.no_resume, ranks=ranks)
+    aug = _augment_config(args)
+    ck = train(model, data, args.out, cfg, aug, device=device, resume=not args.no_resume, ranks=ranks)
     if ranks.main:
         print(f"wrote {ck}")
     finish(ranks)
@@ -416,7 +425,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.finetune_steps:
         every = min(args.checkpoint_every, max(1, args.finetune_steps // 4))
         cfg = _train_config(args, args.finetune_steps, lr=args.finetune_lr, train_encoder=False, checkpoint_every=every)
-        train(student, data, args.out, cfg, device=device, resume=resume, tag="finetune", ranks=ranks)
+        aug = _augment_config(args)
+        train(student, data, args.out, cfg, aug, device=device, resume=resume, tag="finetune", ranks=ranks)
     if ranks.main:
         out = save_checkpoint(
             student,
@@ -445,7 +455,9 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
     ranks, device, data = _start_training(args)
     model = load_model(args.model, dtype=torch.float32)
     sources = [s for s in args.sources.split(",") if s] if args.sources else None
-    cfg = _train_config(args, args.steps, lr=args.lr, warmup=min(50, args.steps), p_memory=args.p_memory)
+    cfg = _train_config(
+        args, args.steps, lr=args.lr, warmup=min(50, args.steps), p_memory=args.p_memory, max_clicks=args.max_clicks
+    )
     model, _ = memory_finetune(
         model,
         data,
@@ -455,6 +467,7 @@ def _cmd_finetune_memory(args: argparse.Namespace) -> int:
         sources,
         args.k,
         memory_lr_scale=args.memory_lr_scale,
+        aug=_augment_config(args, flip=False),  # no flips: see memory_finetune
         device=device,
         progress=Progress("training memory") if ranks.main else None,
         ranks=ranks,
@@ -648,6 +661,15 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--no-resume", action="store_true", help="start over instead of continuing a run in OUT")
     training.add_argument("--out", required=True, help="run folder")
     _add_mix_options(training)
+    training.add_argument(
+        "--click-offset",
+        type=int,
+        default=0,
+        help="move the crop centre up to this many crop voxels per axis off click 1 (half of the samples)",
+    )
+    training.add_argument(
+        "--click-loss", type=float, default=0.0, help="weight of the cross-entropy at the clicked voxels"
+    )
 
     p = _command(
         sub,
@@ -752,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--k", type=int, default=3, help="neighbours retrieved")
     p.add_argument("--p-memory", type=float, default=0.5, help="share of samples trained with memory")
+    p.add_argument("--max-clicks", type=int, default=5)
     p.add_argument("--memory-lr-scale", type=float, default=10.0, help="learning-rate factor of the new memory weights")
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
 

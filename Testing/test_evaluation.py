@@ -151,3 +151,37 @@ def test_random_walker_baseline_follows_the_clicks():
     assert dice(m, a) > 0.7, dice(m, a)
     m = rw.click((47, 30, 20), False).astype(bool)
     assert dice(m, a) > 0.8 and not m[20, 30, 47] and rw.last_latency_ms > 0
+
+
+class _FixedMask:
+    """A segmenter that answers every click with the same mask: the harness must count the clicks it ignores."""
+
+    name = "fixed"
+    last_latency_ms = 0.0
+
+    def __init__(self, mask):
+        self.mask = mask.astype(np.uint8)
+
+    def new_target(self):
+        pass
+
+    def click(self, ijk, include):
+        return self.mask
+
+
+def test_later_clicks_honoured_counts_ignored_clicks():
+    from MemorizingSAMLib.evaluation.metrics import aggregate
+    from MemorizingSAMLib.evaluation.runner import run_target
+
+    gt = ball((30, 30, 20), 10)
+    half = gt.copy()
+    half[:, :, 33:] = False  # the right half is missed: every next click asks for it and is ignored
+    r = run_target(_FixedMask(half), gt.astype(np.uint8), (1.0, 1.0, 1.0), 4)
+    assert r["honoured"] == [1, 0, 0, 0]
+    assert all(c[3] == 1 for c in r["clicks"])
+    whole = run_target(_FixedMask(gt), gt.astype(np.uint8), (1.0, 1.0, 1.0), 4)
+    assert whole["honoured"] == [1]  # perfect at once: no next click
+    leak = gt | ball((52, 30, 20), 6)
+    r2 = run_target(_FixedMask(leak), gt.astype(np.uint8), (1.0, 1.0, 1.0), 3)
+    assert r2["honoured"] == [1, 0, 0] and r2["clicks"][1][3] == 0  # exclude clicks left inside the mask
+    assert aggregate([r, r2], 4)["later_clicks_honoured"] == 0.0

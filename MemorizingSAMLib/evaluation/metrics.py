@@ -47,4 +47,8 @@ def aggregate(results: list[dict], n_clicks: int) -> dict:
     for t in NOC_THRESHOLDS:
         key = f"noc{int(t * 100)}"
         out[key] = round(float(np.mean([r[key] for r in results])), 4)
+    # Clicks 2.. (the first is where the crop is centred): the share whose voxel ends up on the side it asked for.
+    later = [h for r in results for h in r.get("honoured", [])[1:]]
+    if later:
+        out["later_clicks_honoured"] = round(float(np.mean(later)), 4)
     return out

@@ -90,18 +90,20 @@ def run_target(segmenter, gt: np.ndarray, spacing_ijk, n_clicks: int, legacy: bo
         segmenter.new_target()
     click = first_click(gt, spacing_ijk)
     pred = np.zeros_like(gt)
-    dices, clicks, latency = [], [], []
+    dices, clicks, latency, honoured = [], [], [], []
     for _ in range(n_clicks):
         pred = segmenter.click(click.ijk, click.include)
         latency.append(round(segmenter.last_latency_ms, 3))
         clicks.append([*click.ijk, int(click.include)])
         dices.append(round(dice(gt, pred), 6))
+        i, j, k = (int(round(float(v))) for v in click.ijk)
+        honoured.append(int(bool(pred[k, j, i]) == bool(click.include)))  # the clicked voxel on the clicked side
         nxt = next_click(gt, pred, spacing_ijk)
         if nxt is None:
             break
         click = nxt
     dices += [dices[-1]] * (n_clicks - len(dices))
-    out = {"dice": dices, "clicks": clicks, **summarise(dices), "latency_ms": latency}
+    out = {"dice": dices, "clicks": clicks, "honoured": honoured, **summarise(dices), "latency_ms": latency}
     if legacy:
         out["reported_dice"] = out["best_dice"]  # the published protocol's figure
     else:

@@ -3,8 +3,9 @@
 Per sample: encode the crop once; then 1..``max_clicks`` simulated clicks (click 1 at the crop centre, inside the
 target, as a session places it; each next one at the interior of the largest error region, include where the
 model under-segments), every step fed all clicks so far and the previous low-res logits (detached) as the mask
-prompt; the loss (Dice + binary cross-entropy on logits upsampled to the crop) is averaged over the steps and
-back-propagated through decoder and encoder together. AdamW, linear warm-up then cosine decay.
+prompt; the loss (Dice + binary cross-entropy on logits upsampled to the crop, plus optionally ``click_loss`` times
+the cross-entropy at the clicked voxels themselves) is averaged over the steps and back-propagated through decoder
+and encoder together. AdamW, linear warm-up then cosine decay.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class TrainConfig(RunConfig):
     train_encoder: bool = True
     # With a memory (train(..., memory=...)): the share of samples encoded with memory attention active.
     p_memory: float = 0.5
+    # Weight of the cross-entropy at the clicked voxels (include: inside, exclude: outside), all clicks so far at
+    # every step. The Dice + BCE over the crop hardly sees them (a click is 1 of 64^3 voxels), and a model trained
+    # without it learned to leave later clicks outside its mask.
+    click_loss: float = 0.0
 
 
 def segmentation_loss(low: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -71,6 +76,17 @@ def segmentation_loss(low: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     return bce + soft_dice, dice
 
 
+def click_consistency_loss(low: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary cross-entropy of the logits at the clicks: ``low`` (1, 1, L, L, L) low-res logits of a crop of
+    ``size`` voxels per side, ``points`` (1, N, 3) crop voxels (x, y, z), ``labels`` (1, N) 1 include / 0 exclude.
+    The logits are read as ``segmentation_loss`` upsamples them (trilinear, align_corners=False)."""
+    # grid_sample's last axis is (W, H, D) = (z, y, x) of low's spatial axes (x, y, z)
+    u = (points.to(low.dtype) + 0.5) * (2.0 / size) - 1.0
+    grid = u.flip(-1)[:, :, None, None, :]  # (1, N, 1, 1, 3)
+    at = F.grid_sample(low, grid, mode="bilinear", padding_mode="border", align_corners=False).reshape(-1)
+    return F.binary_cross_entropy_with_logits(at, labels.reshape(-1).to(low.dtype))
+
+
 def interactive_sample_loss(
     model: Sam3D,
     x: np.ndarray,
@@ -80,9 +96,10 @@ def interactive_sample_loss(
     device,
     dtype,
     memory: MemoryProvider | None = None,
+    click_loss: float = 0.0,
 ) -> tuple[torch.Tensor, list[float]]:
     """Average loss over ``n_clicks`` simulated clicks on one crop (x, y [x, y, z]); Dice after each. ``memory``
-    is passed to the encoder."""
+    is passed to the encoder; ``click_loss``: see TrainConfig."""
     xt = torch.from_numpy(x).to(device, dtype)[None, None]
     yt = torch.from_numpy(y).to(device, dtype)
     emb = model.encode(xt, memory=memory)
@@ -96,6 +113,8 @@ def interactive_sample_loss(
         lab = torch.as_tensor(labels, device=device)[None]
         low, _ = model.decode(emb, pts, lab, prev)
         loss, d = segmentation_loss(low, yt)
+        if click_loss:
+            loss = loss + click_loss * click_consistency_loss(low, pts, lab, y.shape[0])
         total = total + loss
         dices.append(d)
         if step + 1 < n_clicks:
@@ -121,12 +140,13 @@ class _SampleLoss(torch.nn.Module):
     """One sample's interactive loss as a module's forward, so that DistributedDataParallel sees the call and
     all-reduces the gradients of the backward that follows."""
 
-    def __init__(self, model: Sam3D) -> None:
+    def __init__(self, model: Sam3D, click_loss: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.click_loss = click_loss
 
     def forward(self, x, y, click0, n_clicks: int, device, dtype, memory):
-        return interactive_sample_loss(self.model, x, y, click0, n_clicks, device, dtype, memory)
+        return interactive_sample_loss(self.model, x, y, click0, n_clicks, device, dtype, memory, self.click_loss)
 
 
 def prepare_run(cfg: RunConfig, ranks: Ranks, out_dir: str | Path, device) -> tuple[int, Path, torch.device]:
@@ -187,7 +207,7 @@ def train(
         start = int(st["step"])
         if ranks.main:
             print(f"resuming {tag} at step {start}", file=sys.stderr)
-    loss_module = _SampleLoss(model)
+    loss_module = _SampleLoss(model, cfg.click_loss)
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
 
