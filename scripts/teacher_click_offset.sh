@@ -24,13 +24,9 @@ test -f runs/click_student/student.pt || $M distill --teacher "$RUN"/train_last.
   --log-every 25 --out runs/click_student
 test -f runs/click_memory/model.pt || $M finetune-memory --model runs/click_student/student.pt \
   --config memsam_hq_memory --data data/eval --steps 1500 --log-every 50 --checkpoint-every 100 \
-  --memory-lr-scale 10 --procedural 0.2 --click-offset 12 --out runs/click_memory
-mkdir -p runs/click
-test -f runs/click/memsam_hq_memory.pt || .venv/bin/python - <<'PY'
-from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
-save_checkpoint(load_model("runs/click_memory/model.pt"), "runs/click/memsam_hq_memory.pt", half=True,
-                metadata={"recipe": "scripts/build_default_model.sh + scripts/teacher_click_offset.sh"})
-PY
+  --memory-lr-scale 10 --procedural 0.2 --click-offset 12 --half --out runs/click_memory
+# The fp16 weights as they would ship, and their bank (banks record a fingerprint of the weights).
+mkdir -p runs/click && cp -n runs/click_memory/model.pt runs/click/memsam_hq_memory.pt
 test -f runs/click/memsam_hq_memory.bank.msam || $M build-memory --model runs/click/memsam_hq_memory.pt \
   --data data/eval --split train --sources pyradiomics,mricron --out runs/click/memsam_hq_memory.bank.msam
 $M evaluate --model runs/click/memsam_hq_memory.pt --memory runs/click/memsam_hq_memory.bank.msam --data data/eval \
