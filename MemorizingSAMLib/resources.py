@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "memsam_hq_memory.pt"
-DEFAULT_BANK_NAME = "memsam_hq_memory.bank.msam"
+DEFAULT_MODEL_NAME = "memsam_hq_clicks.pt"
+DEFAULT_BANK_NAME = "memsam_hq_clicks.bank.msam"
 
 
 def resources_dir() -> Path:

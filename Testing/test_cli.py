@@ -118,10 +118,14 @@ def test_segment_writes_labelmap_with_input_geometry_at_the_structure(tmp_path, 
     # (the small shipped model over-segments this phantom somewhat)
     overlap = (lab & gt).sum()
     assert lab[k, j, i] and overlap >= 0.5 * gt.sum() and 2 * overlap / (lab.sum() + gt.sum()) > 0.4
-    # voxel indices give the same result
+    # voxel indices give the same result, up to the rounding of the RAS -> index round trip (~1e-5 voxels, which
+    # flipped 1 boundary voxel of 4,115 with the click-map model); a wrong axis or a whole-voxel shift changes
+    # hundreds
     out2 = tmp_path / f"labels_ijk{ext}"
     r = memsam("segment", str(path), "--point", f"{i},{j},{k}:include", "--coords", "ijk", "--out", str(out2))
-    assert r.returncode == 0 and np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out2))) > 0, lab)
+    assert r.returncode == 0, r.stderr
+    by_ijk = sitk.GetArrayFromImage(sitk.ReadImage(str(out2))) > 0
+    assert (by_ijk != lab).sum() <= max(2, lab.sum() // 1000)
 
 
 def test_segment_wrong_usage_is_one_line(tmp_path, memsam):
@@ -158,7 +162,7 @@ def test_segment_wrong_usage_is_one_line(tmp_path, memsam):
                 "--model",
                 str(other),
                 "--memory",
-                "Resources/models/memsam_hq_memory.bank.msam",
+                "Resources/models/memsam_hq_clicks.bank.msam",
                 "--out",
                 str(tmp_path / "o.nii.gz"),
             ],

@@ -325,7 +325,7 @@ def test_9_the_model_loads_on_the_worker_thread(core):
         future = lg.load_model(ModelChoice(use_memory=False))
         assert not future.done()  # the GUI thread goes on while the model loads
         lg.wait()
-        assert "memsam_hq_memory" in lg.model_description and lg.loaded_on.startswith("MemorizingSAM")
+        assert "memsam_hq_clicks" in lg.model_description and lg.loaded_on.startswith("MemorizingSAM")
     finally:
         lg.close()
 
@@ -561,7 +561,7 @@ def test_remote_mode_sends_the_users_token_and_keeps_it_out_of_the_scene(core, t
         settings = remote.load_settings(store)
         assert settings == remote.RemoteSettings(server.url, token) and settings.enabled
         ok, text = remote.check_connection(settings)
-        assert ok and "memsam_hq_memory" in text
+        assert ok and "memsam_hq_clicks" in text
 
         lg = SegmentationLogic(core.scene, core.app_logic)
         try:

@@ -19,17 +19,24 @@ test -f runs/hq_student/student.pt || $M distill --teacher runs/hq_teacher/train
 test -f runs/hq_memory/model.pt || $M finetune-memory --model runs/hq_student/student.pt --config memsam_hq_memory \
   --data data/eval --steps 1500 --log-every 50 --checkpoint-every 100 --memory-lr-scale 10 --procedural 0.2 \
   --out runs/hq_memory
-mkdir -p Resources/models
-.venv/bin/python - <<'PY'
+# The fp16 weights (what shipped in session 8 and is kept as training_state/memsam_hq_memory_session8.pt).
+test -f runs/hq_memory/memsam_hq_memory.pt || .venv/bin/python - <<'PY'
 from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
-save_checkpoint(load_model("runs/hq_memory/model.pt"), "Resources/models/memsam_hq_memory.pt", half=True,
+save_checkpoint(load_model("runs/hq_memory/model.pt"), "runs/hq_memory/memsam_hq_memory.pt", half=True,
                 metadata={"recipe": "scripts/build_default_model.sh"})
 PY
-# 4. The bank, from the fp16 weights that ship (banks record a fingerprint of the weights).
-$M build-memory --model Resources/models/memsam_hq_memory.pt --data data/eval --split train \
-  --sources pyradiomics,mricron --out Resources/models/memsam_hq_memory.bank.msam
-# 5. Held-out evaluation with and without the bank, baselines, curves.
-$M evaluate --model Resources/models/memsam_hq_memory.pt --memory Resources/models/memsam_hq_memory.bank.msam \
+# 4. Click maps in the mask head (modeling/click_maps.py, session 14): converted to memsam_hq_clicks (the head
+#    starts at zero) and memory fine-tuned again with up to 10 clicks per sample, the head at 10x the learning rate.
+test -f runs/hq_clickmaps/model.pt || $M finetune-memory --model runs/hq_memory/memsam_hq_memory.pt \
+  --config memsam_hq_clicks --data data/eval --steps 2000 --lr 1e-4 --memory-lr-scale 1 --procedural 0.2 \
+  --max-clicks 10 --log-every 50 --checkpoint-every 100 --half --out runs/hq_clickmaps
+mkdir -p Resources/models
+cp runs/hq_clickmaps/model.pt Resources/models/memsam_hq_clicks.pt
+# 5. The bank, from the fp16 weights that ship (banks record a fingerprint of the weights).
+$M build-memory --model Resources/models/memsam_hq_clicks.pt --data data/eval --split train \
+  --sources pyradiomics,mricron --out Resources/models/memsam_hq_clicks.bank.msam
+# 6. Held-out evaluation with and without the bank, baselines, curves.
+$M evaluate --model Resources/models/memsam_hq_clicks.pt --memory Resources/models/memsam_hq_clicks.bank.msam \
   --data data/eval --clicks 10 --baseline --out out/eval_memory
-$M evaluate --model Resources/models/memsam_hq_memory.pt --data data/eval --clicks 10 --out out/eval
+$M evaluate --model Resources/models/memsam_hq_clicks.pt --data data/eval --clicks 10 --out out/eval
 .venv/bin/python scripts/training_curves.py --run runs/hq_teacher --data data/eval --out docs/images/training_curves.png

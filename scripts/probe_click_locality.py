@@ -5,7 +5,7 @@ click: a single include click at the target's interior-most voxel, then at up to
 24 mm (AAL) or 8 mm (lesions) away. Prints, per off-centre click: whether its voxel is in its own mask, the IoU of
 its mask with the centre click's mask, and its Dice. A model that knows the structure gives high IoU.
 
-    .venv/bin/python scripts/probe_click_locality.py Resources/models/memsam_hq_memory.pt [data/eval]
+    .venv/bin/python scripts/probe_click_locality.py Resources/models/memsam_hq_clicks.pt [data/eval]
 
 Clicks are (i, j, k) voxel indices; arrays are [k, j, i]; distances in mm.
 """

@@ -2,8 +2,8 @@
 values and a fingerprint of every weight (it had a sampled one). The arrays are copied unchanged, and only after the
 bank's old fingerprint was checked against the model.
 
-    .venv/bin/python scripts/upgrade_bank.py Resources/models/memsam_hq_memory.bank.msam \\
-        Resources/models/memsam_hq_memory.pt
+    .venv/bin/python scripts/upgrade_bank.py Resources/models/memsam_hq_clicks.bank.msam \\
+        Resources/models/memsam_hq_clicks.pt
 """
 
 import json

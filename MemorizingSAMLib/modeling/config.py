@@ -137,6 +137,9 @@ class MaskDecoderConfig:
     num_multimask_outputs: int = 3  # mask tokens besides the single-mask one
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    # Our configs only: include/exclude clicks and the previous mask drawn on the low-res grid and added to the
+    # high-resolution mask-head rows (click_maps.py); needs EncoderConfig.hires_features.
+    click_maps: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class Sam3DConfig:
             raise ValueError("prompt/decoder embedding dims must equal the encoder's out_chans")
         if pe.image_embedding_size != enc.grid or pe.input_image_size != enc.img_size:
             raise ValueError("prompt encoder grid/input size must match the encoder")
+        if md.click_maps and not enc.hires_features:
+            raise ValueError("mask_decoder.click_maps needs encoder.hires_features (the rows they are added to)")
         if self.memory_layer >= enc.depth:
             raise ValueError(f"memory_layer {self.memory_layer} >= encoder depth {enc.depth}")
 
@@ -301,6 +306,13 @@ def memsam_hq_memory() -> Sam3DConfig:
     return Sam3DConfig(**{**m.__dict__, "name": "memsam_hq_memory", "encoder": enc})
 
 
+def memsam_hq_clicks() -> Sam3DConfig:
+    """:func:`memsam_hq_memory` with click maps in the mask head (click_maps.py)."""
+    m = memsam_hq_memory()
+    md = MaskDecoderConfig(**{**asdict(m.mask_decoder), "click_maps": True})
+    return Sam3DConfig(**{**m.__dict__, "name": "memsam_hq_clicks", "mask_decoder": md})
+
+
 CONFIGS = {
     "sam_med3d_vit_b": sam_med3d_vit_b,
     "fastsam3d": fastsam3d,
@@ -311,6 +323,7 @@ CONFIGS = {
     "memsam_hq_teacher": memsam_hq_teacher,
     "memsam_hq_student": memsam_hq_student,
     "memsam_hq_memory": memsam_hq_memory,
+    "memsam_hq_clicks": memsam_hq_clicks,
 }
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .click_maps import ClickMaps
 from .config import MaskDecoderConfig
 from .ops import MLP, LayerNorm3d
 from .packed_linear import ensure_packed, linear, pack_linears, pack_weight
@@ -21,6 +22,14 @@ from .transformer import ImageProjections, TwoWayTransformer
 def _as_linear_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
     """(Cin, Cout, 2, 2, 2) transposed-conv kernel -> (8 * Cout, Cin) linear weight, output order (i, j, k, Cout)."""
     return conv.weight.permute(2, 3, 4, 1, 0).reshape(-1, conv.in_channels)
+
+
+def _add_rows(hires_rows: torch.Tensor | None, click_rows: torch.Tensor | None) -> torch.Tensor | None:
+    if click_rows is None:
+        return hires_rows
+    if hires_rows is None:
+        raise ValueError("click maps need the high-resolution rows of a hires_features encoder")
+    return hires_rows.to(click_rows.dtype) + click_rows
 
 
 class MaskDecoder3D(nn.Module):
@@ -43,6 +52,8 @@ class MaskDecoder3D(nn.Module):
         )
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(c, c, c // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
+        # Our configs only: the clicks drawn on the low-res grid, added to the high-res rows (click_maps.py).
+        self.click_maps = ClickMaps(c // 8) if cfg.click_maps else None
 
     def upscale_to_masks(
         self,
@@ -147,8 +158,10 @@ class MaskDecoder3D(nn.Module):
         with_iou: bool = True,
         product_dtype: torch.dtype | None = None,
         hires_rows: torch.Tensor | None = None,
+        click_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """image_embeddings (B or 1, C, G, G, G), ``hires_rows`` see upscale_to_masks; returns low-res logits
+        """image_embeddings (B or 1, C, G, G, G), ``hires_rows`` see upscale_to_masks, ``click_rows`` (B, 64 G^3,
+        C/8) from ``self.click_maps``, added to them; returns low-res logits
         (B, M, 4G, 4G, 4G) and IoU (B, M), or None with ``with_iou=False`` (the IoU token then skips the final
         attention and the IoU head).
         ``product_dtype``: the products with the image tokens (two-way transformer, upscaling) in that dtype,
@@ -160,7 +173,8 @@ class MaskDecoder3D(nn.Module):
         # Token-major (B, N, C) once here, instead of a copy inside each of the transformer's products.
         src = src.expand(b, -1, -1, -1, -1).flatten(2).transpose(1, 2).contiguous()
         pos = image_pe.flatten(2).transpose(1, 2).contiguous()
-        return self._run(src, pos, tokens, None, multimask_output, g, with_iou, product_dtype, hires_rows)
+        rows = _add_rows(hires_rows, click_rows)
+        return self._run(src, pos, tokens, None, multimask_output, g, with_iou, product_dtype, rows)
 
     def forward_prepared(
         self,
@@ -170,6 +184,7 @@ class MaskDecoder3D(nn.Module):
         multimask_output: bool,
         with_iou: bool = True,
         product_dtype: torch.dtype | None = None,
+        click_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward`` for a prepared embedding and the mask prompt's features (B, m, G, G, G) before the prompt
         encoder's last 1x1 convolution (see prepared.py); the same outputs up to rounding."""
@@ -189,7 +204,8 @@ class MaskDecoder3D(nn.Module):
             heads(torch.baddbmm(prep.v0, z, prep.mv.expand(b, -1, -1))),
             heads(torch.baddbmm(prep.q0, z, prep.mq.expand(b, -1, -1))).transpose(2, 3),
         )
-        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou, product_dtype, prep.hires_rows)
+        rows = _add_rows(prep.hires_rows, click_rows)
+        return self._run(src, prep.pos, tokens, proj, multimask_output, g, with_iou, product_dtype, rows)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """Decoder tokens (B, 1 + M + N, C): IoU token, mask tokens, then the sparse prompt embeddings."""

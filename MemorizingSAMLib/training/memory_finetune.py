@@ -30,6 +30,7 @@ from .data import AugmentConfig, Target, TrainingData
 from .loop import TrainConfig, train
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_fg", "memory_pos_bias", "memory_prior_vec")
+CLICK_MAPS_LR_SCALE = 10.0
 
 
 def convert_for_memory(
@@ -40,7 +41,8 @@ def convert_for_memory(
     ``position_bias_init`` (6: that key takes about half the attention over 512 keys), the value vectors at 0."""
     out = Sam3D(cfg)
     missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-    new = [k for k in missing if not k.endswith(MEMORY_PARAMETERS)]
+    # Memory parameters and the click-map head (which starts at zero: click_maps.py) may be new.
+    new = [k for k in missing if not k.endswith(MEMORY_PARAMETERS) and not k.startswith("mask_decoder.click_maps.")]
     if new or unexpected:
         raise ValueError(f"{model.cfg.name} -> {cfg.name}: not the same architecture (missing {new}, {unexpected})")
     with torch.no_grad():
@@ -191,11 +193,18 @@ def memory_finetune(
     for n, p in model.named_parameters():
         p.requires_grad_(not frozen_for_memory(n, layer))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
     # The few new memory parameters start from "no effect" and must travel further than the pretrained ones.
+    # The click-map head (click_maps.py) starts at zero too, and learns CLICK_MAPS_LR_SCALE times faster.
+    def is_click_maps(n: str) -> bool:
+        return n.startswith("mask_decoder.click_maps.")
+
     params = [
-        {"params": [p for n, p in trainable if not n.endswith(MEMORY_PARAMETERS)]},
+        {"params": [p for n, p in trainable if not n.endswith(MEMORY_PARAMETERS) and not is_click_maps(n)]},
         {"params": [p for n, p in trainable if n.endswith(MEMORY_PARAMETERS)], "lr_scale": memory_lr_scale},
     ]
+    if any(is_click_maps(n) for n, _ in trainable):
+        params.append({"params": [p for n, p in trainable if is_click_maps(n)], "lr_scale": CLICK_MAPS_LR_SCALE})
     # No axis flips: the same-position bias relates crop positions, which a flipped sample would scramble.
     aug = aug or AugmentConfig(flip=False)
     ck = train(
