@@ -213,3 +213,24 @@ def targets(case: dict, split: str | None) -> list[tuple[int, str]]:
         if split is None or s == split:
             out.append((int(k), name))
     return sorted(out)
+
+
+def check_label_grid(image, label, case: str, tol_mm: float = 1e-3) -> None:
+    """Raise ValueError unless the SimpleITK ``label`` lies on ``image``'s voxel grid: same size, and spacing, origin
+    (mm) and direction equal within ``tol_mm``. Training resamples labels through their own headers and evaluation
+    indexes them by the image's voxels, so a label on another grid would silently train or score the wrong voxels."""
+    import numpy as np
+
+    problems = []
+    if tuple(label.GetSize()) != tuple(image.GetSize()):
+        problems.append(f"size {label.GetSize()} vs the image's {image.GetSize()}")
+    for what in ("Spacing", "Origin", "Direction"):
+        a, b = (np.asarray(getattr(x, f"Get{what}")()) for x in (label, image))
+        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=tol_mm):
+            ours, theirs = (tuple(np.round(v, 4).tolist()) for v in (a, b))
+            problems.append(f"{what.lower()} {ours} vs the image's {theirs}")
+    if problems:
+        raise ValueError(
+            f"{case}: the label is not on the image's grid ({'; '.join(problems)}); data written before session 15 "
+            "had phantom labels shifted in z: run 'memsam data fetch' again"
+        )

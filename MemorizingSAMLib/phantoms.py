@@ -88,7 +88,10 @@ def make_phantom(seed: int, shape_kji=(48, 96, 96)) -> tuple[sitk.Image, sitk.Im
         img = np.clip(img, 0, None)
     image = sitk.GetImageFromArray(img.astype(np.int16 if ct else np.float32))
     labels = sitk.GetImageFromArray(label)
+    # One origin for both: the label must lie on the image's grid (sessions up to 14 drew it twice, so the labels'
+    # z origin differed from the images' and training resampled phantom targets up to 100 mm away from them).
+    origin = (-extent[0] / 2, -extent[1] / 2, float(rng.uniform(-50, 50)))
     for x in (image, labels):
         x.SetSpacing(spacing)
-        x.SetOrigin((-extent[0] / 2, -extent[1] / 2, float(rng.uniform(-50, 50))))
+        x.SetOrigin(origin)
     return image, labels, names

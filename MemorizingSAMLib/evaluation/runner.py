@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..datasets import load_dataset, targets
+from ..datasets import check_label_grid, load_dataset, targets
 from ..protocol import SegmentationSession
 from ..session import InteractiveSession, SessionOptions
 from .clicks import first_click, next_click
@@ -138,7 +138,9 @@ def evaluate(
         case, value, name = jobs[index]
         if current is None or current[0] != case["id"]:
             img = sitk.ReadImage(str(root / case["image"]))
-            lab = sitk.GetArrayFromImage(sitk.ReadImage(str(root / case["label"])))
+            lab_img = sitk.ReadImage(str(root / case["label"]))
+            check_label_grid(img, lab_img, case["id"])
+            lab = sitk.GetArrayFromImage(lab_img)
             segmenter.set_image(img)
             current = (case["id"], img, lab)
         img, lab = current[1], current[2]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..datasets import load_dataset, targets
+from ..datasets import check_label_grid, load_dataset, targets
 from ..evaluation.clicks import first_click
 from ..geometry import LPS_TO_RAS, normalize_crop
 from ..modeling.config import Sam3DConfig
@@ -72,6 +72,7 @@ class TrainingData:
                 continue
             img = sitk.Cast(sitk.ReadImage(str(root / case["image"])), sitk.sitkFloat32)
             lab_img = sitk.ReadImage(str(root / case["label"]))
+            check_label_grid(img, lab_img, case["id"])
             lab = sitk.GetArrayViewFromImage(lab_img)
             self.images[case["id"]] = img
             self.labels[case["id"]] = sitk.Cast(lab_img, sitk.sitkUInt8)
