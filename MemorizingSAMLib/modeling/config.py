@@ -64,6 +64,9 @@ class EncoderConfig:
     # grid (4G^3), which enter the decoder's second upscaling before its GELU, so that masks can follow image edges
     # inside a token. They travel packed behind the embedding's out_chans channels (see hires.py).
     hires_features: bool = False
+    # The normalised crop itself averaged onto the low-res grid, packed as 64 more channels behind the high-res
+    # features (hires.py), for the mask head's geodesic click maps (click_maps.py). Needs hires_features.
+    hires_image: bool = False
 
     @property
     def hires_channels(self) -> int:
@@ -72,8 +75,9 @@ class EncoderConfig:
 
     @property
     def embedding_channels(self) -> int:
-        """Channels of what :meth:`ImageEncoder3D.forward` returns: out_chans, plus 64 per high-res channel."""
-        return self.out_chans + 64 * self.hires_channels
+        """Channels of what :meth:`ImageEncoder3D.forward` returns: out_chans, plus 64 per high-res channel, plus
+        64 for the low-res image."""
+        return self.out_chans + 64 * self.hires_channels + 64 * self.hires_image
 
     @property
     def grid(self) -> int:
@@ -111,6 +115,8 @@ class EncoderConfig:
                 f"hires_features needs patch_size divisible by 4 and out_chans by 8, got {self.patch_size} and "
                 f"{self.out_chans}"
             )
+        if self.hires_image and not self.hires_features:
+            raise ValueError("hires_image needs hires_features (it travels packed behind them)")
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,9 @@ class MaskDecoderConfig:
     # Our configs only: include/exclude clicks and the previous mask drawn on the low-res grid and added to the
     # high-resolution mask-head rows (click_maps.py); needs EncoderConfig.hires_features.
     click_maps: bool = False
+    # With click_maps: also geodesic maps of the clicks over the low-res image (click_maps.py, geodesic.py); needs
+    # EncoderConfig.hires_image.
+    geodesic_click_maps: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,8 @@ class Sam3DConfig:
             raise ValueError("prompt encoder grid/input size must match the encoder")
         if md.click_maps and not enc.hires_features:
             raise ValueError("mask_decoder.click_maps needs encoder.hires_features (the rows they are added to)")
+        if md.geodesic_click_maps and not (md.click_maps and enc.hires_image):
+            raise ValueError("mask_decoder.geodesic_click_maps needs click_maps and encoder.hires_image")
         if self.memory_layer >= enc.depth:
             raise ValueError(f"memory_layer {self.memory_layer} >= encoder depth {enc.depth}")
 
@@ -313,6 +324,14 @@ def memsam_hq_clicks() -> Sam3DConfig:
     return Sam3DConfig(**{**m.__dict__, "name": "memsam_hq_clicks", "mask_decoder": md})
 
 
+def memsam_hq_geo() -> Sam3DConfig:
+    """:func:`memsam_hq_clicks` with geodesic click maps over the low-res image (click_maps.py)."""
+    m = memsam_hq_clicks()
+    enc = EncoderConfig(**{**asdict(m.encoder), "hires_image": True})
+    md = MaskDecoderConfig(**{**asdict(m.mask_decoder), "geodesic_click_maps": True})
+    return Sam3DConfig(**{**m.__dict__, "name": "memsam_hq_geo", "encoder": enc, "mask_decoder": md})
+
+
 CONFIGS = {
     "sam_med3d_vit_b": sam_med3d_vit_b,
     "fastsam3d": fastsam3d,
@@ -324,6 +343,7 @@ CONFIGS = {
     "memsam_hq_student": memsam_hq_student,
     "memsam_hq_memory": memsam_hq_memory,
     "memsam_hq_clicks": memsam_hq_clicks,
+    "memsam_hq_geo": memsam_hq_geo,
 }
 
 

@@ -47,9 +47,34 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     return packed.flatten(2).transpose(1, 2).reshape(b, -1, n // 64)
 
 
-def split_embedding(embedding: torch.Tensor, out_chans: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, C [+ 64 c], G, G, G) -> the image embedding (B, C, G, G, G) and the high-res rows (B, 64 G^3, c) or
-    None when the embedding carries none."""
-    if embedding.shape[1] == out_chans:
-        return embedding, None
-    return embedding[:, :out_chans], unpack_rows(embedding[:, out_chans:])
+def unpack(packed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: (B, 64 c, G, G, G) -> (B, c, 4G, 4G, 4G)."""
+    b, n = packed.shape[:2]
+    c, g = n // 64, grid
+    f = packed.view(b, 2, 2, 2, 2, 2, 2, c, g, g, g)  # (b, i1, j1, k1, i2, j2, k2, c, d, h, w)
+    return f.permute(0, 7, 8, 1, 4, 9, 2, 5, 10, 3, 6).reshape(b, c, 4 * g, 4 * g, 4 * g)
+
+
+def low_res_image(crop: torch.Tensor, stride: int) -> torch.Tensor:
+    """Normalised crop (B, 1, S, S, S) averaged over stride^3 blocks: (B, 1, S/stride, ...) on the low-res grid,
+    same axis order (x, y, z)."""
+    return F.avg_pool3d(crop, stride) if stride > 1 else crop
+
+
+def split_embedding(
+    embedding: torch.Tensor, out_chans: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(B, C [+ 64 c [+ 64]], G, G, G) -> the image embedding (B, C, G, G, G), the high-res rows (B, 64 G^3, c)
+    or None, and the low-res image (B, 4G, 4G, 4G) of ``hires_image`` encoders or None. c = C / 8 always
+    (EncoderConfig.hires_channels), which tells the two extras apart."""
+    extra = embedding.shape[1] - out_chans
+    if extra == 0:
+        return embedding, None, None
+    c = out_chans // 8
+    if extra not in (64 * c, 64 * (c + 1)):
+        raise ValueError(f"embedding of {embedding.shape[1]} channels: not {out_chans} plus 64 x {c} (+ 64)")
+    rows = unpack_rows(embedding[:, out_chans : out_chans + 64 * c])
+    if extra == 64 * c:
+        return embedding[:, :out_chans], rows, None
+    image = unpack(embedding[:, out_chans + 64 * c :], embedding.shape[-1])[:, 0]
+    return embedding[:, :out_chans], rows, image

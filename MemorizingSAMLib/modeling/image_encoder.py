@@ -152,7 +152,10 @@ class ImageEncoder3D(nn.Module):
         if hasattr(self, "memory_prior_vec") and retrieved is not None and retrieved.active:
             emb = emb + self.memory_prior(retrieved, emb.shape[-1])
         if self.cfg.hires_features:
-            emb = torch.cat([emb, hires.pack(self.hires_stem(x), self.cfg.grid)], dim=1)
+            parts = [emb, hires.pack(self.hires_stem(x), self.cfg.grid)]
+            if self.cfg.hires_image:
+                parts.append(hires.pack(hires.low_res_image(x, self.cfg.patch_size // 4), self.cfg.grid))
+            emb = torch.cat(parts, dim=1)
         return (emb, outs) if return_block_outputs else emb
 
     def memory_prior(self, memory: RetrievedMemory, g: int) -> torch.Tensor:

@@ -53,7 +53,7 @@ class MaskDecoder3D(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(c, c, c // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
         # Our configs only: the clicks drawn on the low-res grid, added to the high-res rows (click_maps.py).
-        self.click_maps = ClickMaps(c // 8) if cfg.click_maps else None
+        self.click_maps = ClickMaps(c // 8, cfg.geodesic_click_maps) if cfg.click_maps else None
 
     def upscale_to_masks(
         self,

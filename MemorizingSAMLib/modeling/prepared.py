@@ -35,6 +35,7 @@ class PreparedEmbedding:
     mv: torch.Tensor
     mq: torch.Tensor
     hires_rows: torch.Tensor | None = None  # (1, 64 G^3, C/8) high-res features (hires.py), or None
+    low_image: torch.Tensor | None = None  # (1, 4G, 4G, 4G) low-res image of hires_image encoders, or None
 
     @property
     def nbytes(self) -> int:
@@ -47,7 +48,7 @@ def prepare_embedding(model, embedding: torch.Tensor) -> PreparedEmbedding:
     if embedding.shape[0] != 1:
         raise ValueError(f"prepare one embedding at a time, got a batch of {embedding.shape[0]}")
     full = embedding
-    embedding, hires_rows = split_embedding(full, model.cfg.encoder.out_chans)
+    embedding, hires_rows, low_image = split_embedding(full, model.cfg.encoder.out_chans)
     conv = model.prompt_encoder.mask_downscaling[-1]
     w3 = conv.weight.flatten(1)  # (C, m)
     b3 = conv.bias if conv.bias is not None else w3.new_zeros(w3.shape[0])
@@ -69,4 +70,5 @@ def prepare_embedding(model, embedding: torch.Tensor) -> PreparedEmbedding:
         mv=(t2i.v_proj.weight @ w3).t().contiguous(),
         mq=(i2t.q_proj.weight @ w3).t().contiguous(),
         hires_rows=None if hires_rows is None else hires_rows.contiguous(),
+        low_image=None if low_image is None else low_image.contiguous(),
     )

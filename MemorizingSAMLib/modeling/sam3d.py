@@ -64,7 +64,7 @@ class Sam3D(nn.Module):
             low-res logits (B, M, 4G, 4G, 4G) and IoU predictions (B, M); M = 1, or 3 with ``multimask_output``.
         """
         pts = None if points is None else (points, labels)
-        clicks = self._click_rows(points, labels, mask_input, boxes)
+        clicks = self._click_rows(image_embedding, points, labels, mask_input, boxes)
         if isinstance(image_embedding, PreparedEmbedding):
             if mask_input is not None:
                 sparse = self.prompt_encoder.sparse(pts, boxes)
@@ -75,20 +75,28 @@ class Sam3D(nn.Module):
                     image_embedding, sparse, z, multimask_output, iou, product_dtype, clicks
                 )
             image_embedding = image_embedding.embedding
-        image_embedding, hires_rows = split_embedding(image_embedding, self.cfg.encoder.out_chans)
+        image_embedding, hires_rows, _ = split_embedding(image_embedding, self.cfg.encoder.out_chans)
         sparse, dense = self.prompt_encoder(pts, boxes, mask_input)
         pe = self.prompt_encoder.get_dense_pe()
         return self.mask_decoder(
             image_embedding, pe, sparse, dense, multimask_output, iou, product_dtype, hires_rows, clicks
         )
 
-    def _click_rows(self, points, labels, mask_input, boxes) -> torch.Tensor | None:
+    def _click_rows(self, embedding, points, labels, mask_input, boxes) -> torch.Tensor | None:
         """The click-map rows of ``click_maps`` configs (click_maps.py), None for the others."""
         head = self.mask_decoder.click_maps
         if head is None:
             return None
-        batch = max([1, *(t.shape[0] for t in (points, mask_input, boxes) if t is not None)])
-        return head(points, labels, mask_input, self.cfg.encoder.grid, self.cfg.encoder.img_size, batch)
+        image = None
+        if head.geodesic:
+            if isinstance(embedding, PreparedEmbedding):
+                image = embedding.low_image
+            else:
+                image = split_embedding(embedding, self.cfg.encoder.out_chans)[2]
+            if image is None:
+                raise ValueError("geodesic click maps need the low-res image in the embedding (hires_image)")
+        batch = max([1, *(t.shape[0] for t in (points, mask_input, boxes, image) if t is not None)])
+        return head(points, labels, mask_input, self.cfg.encoder.grid, self.cfg.encoder.img_size, batch, image)
 
     def prepare_embedding(self, image_embedding: torch.Tensor) -> PreparedEmbedding:
         """What every :meth:`decode` of this (1, C, G, G, G) embedding shares, computed once (see prepared.py);

@@ -23,6 +23,7 @@ import torch
 
 from ..distributed import Ranks
 from ..memory_bank import structure_entry
+from ..modeling.click_maps import widen_state
 from ..modeling.config import Sam3DConfig
 from ..modeling.memory_attention import RetrievedMemory, inverse_distance_weights, memory_descriptor
 from ..modeling.sam3d import Sam3D
@@ -40,7 +41,7 @@ def convert_for_memory(
     the new gates start at ``gate_init`` (local ratio sigmoid(gate_init): 0.5 for 0), the same-position biases at
     ``position_bias_init`` (6: that key takes about half the attention over 512 keys), the value vectors at 0."""
     out = Sam3D(cfg)
-    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = out.load_state_dict(widen_state(model.state_dict(), out.state_dict()), strict=False)
     # Memory parameters and the click-map head (which starts at zero: click_maps.py) may be new.
     new = [k for k in missing if not k.endswith(MEMORY_PARAMETERS) and not k.startswith("mask_decoder.click_maps.")]
     if new or unexpected:
