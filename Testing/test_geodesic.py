@@ -13,7 +13,7 @@ from scipy.sparse.csgraph import dijkstra
 from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
 from MemorizingSAMLib.datasets import prepare_dataset
 from MemorizingSAMLib.modeling import build_sam3d
-from MemorizingSAMLib.modeling.click_maps import N_CHANNELS, click_map_channels, widen_state
+from MemorizingSAMLib.modeling.click_maps import N_CHANNELS, _city_block, click_map_channels, widen_state
 from MemorizingSAMLib.modeling.config import get_config
 from MemorizingSAMLib.modeling.geodesic import FAR, geodesic_distance
 from MemorizingSAMLib.modeling.hires import split_embedding
@@ -61,6 +61,11 @@ def test_sweeps_match_dijkstra_and_bound_it_from_above():
     l1 = geodesic_distance(img_t, seeds_t, 0.0, rounds=1)[1, 0].numpy()
     i, j, k = np.indices((10, 11, 12))
     np.testing.assert_array_equal(l1, i + j + k)
+    # The click maps' closed-form city-block distance (the excess's baseline) is the same, per side.
+    idx = torch.tensor([[[1, 2, 3], [8, 9, 10], [5, 0, 11], [4, 4, 4]]])
+    labels = torch.tensor([[1, 1, 0, -1]])
+    cb = _city_block(idx, labels, 12)[0, :, :10, :11]
+    np.testing.assert_array_equal(cb.numpy(), geodesic_distance(img_t[:1], seeds_t[:1], 0.0, rounds=1)[0].numpy())
     # No seed: FAR everywhere.
     assert float(geodesic_distance(img_t, torch.zeros_like(seeds_t), 4.0).min()) == FAR
 

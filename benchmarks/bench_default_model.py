@@ -36,11 +36,16 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--clicks", type=int, default=40)
+    ap.add_argument("--model", help="a candidate checkpoint instead of the shipped model (with --bank)")
+    ap.add_argument("--bank", help="the candidate's memory bank")
     args = ap.parse_args()
+    if bool(args.model) != bool(args.bank):
+        ap.error("give --model and --bank together")
     setup_threads()
     info = machine_info()
-    model = load_model(default_model_path()).prepare_for_inference()
-    bank = MemoryBank.load(default_bank_path(), model)
+    model_path = Path(args.model) if args.model else default_model_path()
+    model = load_model(model_path).prepare_for_inference()
+    bank = MemoryBank.load(args.bank or default_bank_path(), model)
     data = fetch_pyradiomics_data(ROOT / "data")
     img = sitk.ReadImage(str(data / "lung2_image.nrrd"))
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "lung2_label.nrrd")))
@@ -70,7 +75,7 @@ def main() -> None:
         times.append(session.last_timing["total_ms"])
     out = {
         "machine": info,
-        "model": default_model_path().name,
+        "model": model_path.name,
         "config": cfg.name,
         "bank_entries": len(bank),
         "encoder_s": round(plain, 4),

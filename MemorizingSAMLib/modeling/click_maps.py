@@ -64,8 +64,7 @@ def geodesic_channels(
     for side, value in enumerate((1, 0)):
         bi, ni = torch.nonzero(lab == value, as_tuple=True)
         seeds[bi, side, idx[bi, ni, 0], idx[bi, ni, 1], idx[bi, ni, 2]] = True
-    # City-block distances are the lam = 0 geodesic; computed the same way so that the excess is >= 0.
-    excess = geodesic_distance(image, seeds, GEODESIC_LAMBDA, rounds) - geodesic_distance(image, seeds, 0.0, 1)
+    excess = geodesic_distance(image, seeds, GEODESIC_LAMBDA, rounds) - _city_block(idx, lab, low_res)
     has = seeds.flatten(2).any(-1)[..., None, None, None]  # (B, 2, 1, 1, 1)
     excess = torch.where(has, excess.clamp_(min=0), FAR)
     out = [torch.exp(excess / -s) for s in GEODESIC_SCALES]  # each (B, 2, L, L, L)
@@ -134,6 +133,20 @@ def widen_state(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor])
     wide = torch.zeros(t.shape, dtype=w.dtype, device=w.device)
     wide[:, : w.shape[1]] = w
     return {**state, CONV_WEIGHT: wide}
+
+
+def _city_block(idx: torch.Tensor, labels: torch.Tensor, low_res: int) -> torch.Tensor:
+    """(B, 2, L, L, L) city-block distances from the include / exclude clicks' low-res voxels ``idx`` (B, N, 3),
+    in closed form (the lam = 0 geodesic distance, which the sweeps reach exactly: test_geodesic.py); FAR for a
+    side without clicks."""
+    r = torch.arange(low_res, device=idx.device)
+    ax = [(r - idx[..., a, None]).abs().to(torch.float32) for a in range(3)]  # each (B, N, L)
+    d = ax[0][..., :, None, None] + ax[1][..., None, :, None] + ax[2][..., None, None, :]  # (B, N, L, L, L)
+    out = []
+    for value in (1, 0):
+        far = torch.where(labels == value, 0.0, FAR)[..., None, None, None]
+        out.append((d + far).amin(1).clamp_(max=FAR) if d.shape[1] else d.new_full(d.shape[:1] + d.shape[2:], FAR))
+    return torch.stack(out, 1)
 
 
 class ClickMaps(nn.Module):
