@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-DEFAULT_MODEL_NAME = "memsam_hq_clicks"  # MemorizingSAMLib.resources.DEFAULT_MODEL_NAME, without importing torch
+DEFAULT_MODEL_NAME = "memsam_hq_geo"  # MemorizingSAMLib.resources.DEFAULT_MODEL_NAME, without importing torch
 
 # Published checkpoints the user can fetch on request. SHA256 None: not pinned yet, because these files could not
 # be downloaded where this module was written; the module shows the computed hash after a download so that a

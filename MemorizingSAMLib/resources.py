@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "memsam_hq_clicks.pt"
-DEFAULT_BANK_NAME = "memsam_hq_clicks.bank.msam"
+DEFAULT_MODEL_NAME = "memsam_hq_geo.pt"
+DEFAULT_BANK_NAME = "memsam_hq_geo.bank.msam"
 
 
 def resources_dir() -> Path:

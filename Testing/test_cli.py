@@ -162,7 +162,7 @@ def test_segment_wrong_usage_is_one_line(tmp_path, memsam):
                 "--model",
                 str(other),
                 "--memory",
-                "Resources/models/memsam_hq_clicks.bank.msam",
+                "Resources/models/memsam_hq_geo.bank.msam",
                 "--out",
                 str(tmp_path / "o.nii.gz"),
             ],

@@ -30,13 +30,18 @@ PY
 test -f runs/hq_clickmaps/model.pt || $M finetune-memory --model runs/hq_memory/memsam_hq_memory.pt \
   --config memsam_hq_clicks --data data/eval --steps 2000 --lr 1e-4 --memory-lr-scale 1 --procedural 0.2 \
   --max-clicks 10 --log-every 50 --checkpoint-every 100 --half --out runs/hq_clickmaps
+# 4b. Geodesic click maps (session 15): converted to memsam_hq_geo (4 zero columns) and fine-tuned again on the
+#     corrected phantom labels (session 14's model was continued from step 4's output, seed 0; this from it, seed 1).
+test -f runs/geo/model.pt || $M finetune-memory --model runs/hq_clickmaps/model.pt --config memsam_hq_geo \
+  --data data/eval --steps 2000 --lr 1e-4 --memory-lr-scale 1 --procedural 0.3 --synthetic 0.2 --seed 1 \
+  --max-clicks 10 --log-every 50 --checkpoint-every 100 --half --out runs/geo
 mkdir -p Resources/models
-cp runs/hq_clickmaps/model.pt Resources/models/memsam_hq_clicks.pt
+cp runs/geo/model.pt Resources/models/memsam_hq_geo.pt
 # 5. The bank, from the fp16 weights that ship (banks record a fingerprint of the weights).
-$M build-memory --model Resources/models/memsam_hq_clicks.pt --data data/eval --split train \
-  --sources pyradiomics,mricron --out Resources/models/memsam_hq_clicks.bank.msam
+$M build-memory --model Resources/models/memsam_hq_geo.pt --data data/eval --split train \
+  --sources pyradiomics,mricron --out Resources/models/memsam_hq_geo.bank.msam
 # 6. Held-out evaluation with and without the bank, baselines, curves.
-$M evaluate --model Resources/models/memsam_hq_clicks.pt --memory Resources/models/memsam_hq_clicks.bank.msam \
+$M evaluate --model Resources/models/memsam_hq_geo.pt --memory Resources/models/memsam_hq_geo.bank.msam \
   --data data/eval --clicks 10 --baseline --out out/eval_memory
-$M evaluate --model Resources/models/memsam_hq_clicks.pt --data data/eval --clicks 10 --out out/eval
+$M evaluate --model Resources/models/memsam_hq_geo.pt --data data/eval --clicks 10 --out out/eval
 .venv/bin/python scripts/training_curves.py --run runs/hq_teacher --data data/eval --out docs/images/training_curves.png
