@@ -15,9 +15,7 @@ from MemorizingSAMLib.modeling.config import get_config
 from MemorizingSAMLib.phantoms import make_phantom
 from MemorizingSAMLib.training.data import AugmentConfig, TrainingData
 
-NO_AUG = AugmentConfig(
-    max_rotation_deg=0.0, max_scale=0.0, flip=False, intensity=0.0, noise=0.0, p_random_click=0.0
-)
+NO_AUG = AugmentConfig(max_rotation_deg=0.0, max_scale=0.0, flip=False, intensity=0.0, noise=0.0, p_random_click=0.0)
 
 
 @pytest.fixture(scope="module")
