@@ -6,13 +6,13 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from model_helpers import logits, perturbed, session_mask
 
 from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
 from MemorizingSAMLib.datasets import prepare_dataset
 from MemorizingSAMLib.modeling import build_sam3d
 from MemorizingSAMLib.modeling.click_maps import N_CHANNELS, SIGMAS_LOW_RES, click_map_channels
 from MemorizingSAMLib.modeling.config import MaskDecoderConfig, Sam3DConfig, get_config
-from MemorizingSAMLib.session import InteractiveSession
 from MemorizingSAMLib.training.memory_finetune import convert_for_memory
 
 CROP, LOW = 64, 32
@@ -65,26 +65,10 @@ def test_previous_mask_channel_and_batch_broadcast():
     assert none.shape == (2, N_CHANNELS, LOW, LOW, LOW) and float(none.abs().max()) == 0.0
 
 
-def _perturbed(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    m = build_sam3d(name).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.05)
-    return m
-
-
 @pytest.fixture(scope="module")
 def models():
-    src = _perturbed("memsam_hq_memory")
+    src = perturbed("memsam_hq_memory")
     return src, convert_for_memory(src, get_config("memsam_hq_clicks")).eval()
-
-
-def _logits(m, emb, pts, labs, prev, prepared=False):
-    with torch.no_grad():
-        e = m.prepare_embedding(emb) if prepared else emb
-        return m.decode(e, pts, labs, prev)[0]
 
 
 def test_converted_model_gives_its_old_logits_then_acts_voxel_by_voxel(models, tmp_path):
@@ -94,9 +78,7 @@ def test_converted_model_gives_its_old_logits_then_acts_voxel_by_voxel(models, t
     pts, labs = torch.tensor([[[41.0, 10.0, 3.0], [12.0, 50.0, 40.0]]]), torch.tensor([[1, 0]])
     prev = torch.randn(1, 1, LOW, LOW, LOW)
     for prepared in (False, True):
-        assert torch.equal(
-            _logits(src, emb, pts, labs, prev, prepared), _logits(clicks, emb, pts, labs, prev, prepared)
-        )
+        assert torch.equal(logits(src, emb, pts, labs, prev, prepared), logits(clicks, emb, pts, labs, prev, prepared))
 
     # Weight on the narrow include map only: the logits change around the include click and nowhere far from it
     # (the maps enter pointwise), the same on the plain and the prepared path.
@@ -105,19 +87,17 @@ def test_converted_model_gives_its_old_logits_then_acts_voxel_by_voxel(models, t
         trained.mask_decoder.click_maps.conv.weight[:, 0] = torch.randn(
             trained.mask_decoder.click_maps.conv.out_channels, 1, 1, 1
         )
-    base = _logits(src, emb, pts, labs, prev)
+    base = logits(src, emb, pts, labs, prev)
     for prepared in (False, True):
-        diff = (_logits(trained, emb, pts, labs, prev, prepared) - base).abs()[0, 0]
+        diff = (logits(trained, emb, pts, labs, prev, prepared) - base).abs()[0, 0]
         assert diff[20, 5, 1] > 1e-3
         assert diff[6, 25, 20] < 1e-6 and diff[20, 5, 20] < 1e-6
-    assert torch.allclose(
-        _logits(trained, emb, pts, labs, prev), _logits(trained, emb, pts, labs, prev, True), atol=1e-4
-    )
+    assert torch.allclose(logits(trained, emb, pts, labs, prev), logits(trained, emb, pts, labs, prev, True), atol=1e-4)
 
     # Ignored clicks (-1) draw nothing: the trained head gives the source's logits for them, where the prompt
     # tokens of both see the same ignored point.
     ign = torch.tensor([[-1, -1]])
-    assert torch.allclose(_logits(trained, emb, pts, ign, None), _logits(src, emb, pts, ign, None), atol=1e-6)
+    assert torch.allclose(logits(trained, emb, pts, ign, None), logits(src, emb, pts, ign, None), atol=1e-6)
 
     # Gradients reach the head from the loss, and a checkpoint keeps config and head.
     with torch.enable_grad():
@@ -126,7 +106,7 @@ def test_converted_model_gives_its_old_logits_then_acts_voxel_by_voxel(models, t
     assert trained.mask_decoder.click_maps.conv.weight.grad.abs().sum() > 0
     back = load_model(save_checkpoint(trained, tmp_path / "clicks.pt"))
     assert back.cfg.name == "memsam_hq_clicks" and back.mask_decoder.click_maps is not None
-    assert torch.equal(_logits(back.eval(), emb, pts, labs, prev), _logits(trained, emb, pts, labs, prev))
+    assert torch.equal(logits(back.eval(), emb, pts, labs, prev), logits(trained, emb, pts, labs, prev))
 
 
 def test_click_maps_need_the_high_resolution_rows():
@@ -140,7 +120,7 @@ def test_finetune_memory_into_the_click_maps_config_trains_the_head(tmp_path, me
     """The shipped model's config -> memsam_hq_clicks through the command line: the head leaves zero (its own
     learning-rate group) and a session decodes with it."""
     data = prepare_dataset(tmp_path / "d", sources=("phantom",), phantom_seeds=(0, 1))
-    init = save_checkpoint(_perturbed("memsam_hq_memory"), tmp_path / "hq.pt")
+    init = save_checkpoint(perturbed("memsam_hq_memory"), tmp_path / "hq.pt")
     args = ["--data", data, "--sources", "phantom", "--steps", "2", "--batch", "1", "--log-every", "1"]
     r = memsam("finetune-memory", "--model", init, "--config", "memsam_hq_clicks", *args, "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
@@ -149,20 +129,13 @@ def test_finetune_memory_into_the_click_maps_config_trains_the_head(tmp_path, me
     assert tuned.mask_decoder.click_maps.conv.weight.abs().max() > 0
     img = sorted((data / "images").iterdir())[0]
 
-    def session_mask(model):
-        session = InteractiveSession(model)
-        session.set_image(str(img))
-        session.add_segment("s")
-        session.add_point(np.array([20.0, 20.0, 17.0]))
-        return session.mask()
-
     # The session's decode goes through the head: a strong head changes the mask a zero one gives.
     head = tuned.mask_decoder.click_maps.conv
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
-        zero = session_mask(tuned)
+        zero = session_mask(tuned, img)
         torch.manual_seed(1)
         head.weight.normal_(0, 5.0)
-    strong = session_mask(tuned)
+    strong = session_mask(tuned, img)
     assert zero.shape == strong.shape and (zero != strong).any()

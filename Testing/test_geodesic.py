@@ -7,17 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_helpers import logits, perturbed, session_mask
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
 from MemorizingSAMLib.checkpoints import load_model, save_checkpoint
 from MemorizingSAMLib.datasets import prepare_dataset
-from MemorizingSAMLib.modeling import build_sam3d
 from MemorizingSAMLib.modeling.click_maps import N_CHANNELS, _city_block, click_map_channels, widen_state
 from MemorizingSAMLib.modeling.config import get_config
 from MemorizingSAMLib.modeling.geodesic import FAR, geodesic_distance
 from MemorizingSAMLib.modeling.hires import split_embedding
-from MemorizingSAMLib.session import InteractiveSession
 from MemorizingSAMLib.training.memory_finetune import convert_for_memory
 
 CROP, LOW = 64, 32
@@ -103,23 +102,8 @@ def test_geodesic_maps_follow_the_clicked_region_in_xyz_order():
     torch.testing.assert_close(ignored, maps)
 
 
-def _perturbed(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    m = build_sam3d(name).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.05)
-    return m
-
-
-def _logits(m, emb, pts, labs, prev, prepared=False):
-    with torch.no_grad():
-        return m.decode(m.prepare_embedding(emb) if prepared else emb, pts, labs, prev)[0]
-
-
 def test_converted_geo_model_keeps_its_logits_then_uses_the_image(tmp_path):
-    src = _perturbed("memsam_hq_clicks")
+    src = perturbed("memsam_hq_clicks")
     with torch.no_grad():
         src.mask_decoder.click_maps.conv.weight.normal_(0, 0.5)
     geo = convert_for_memory(src, get_config("memsam_hq_geo")).eval()
@@ -132,20 +116,18 @@ def test_converted_geo_model_keeps_its_logits_then_uses_the_image(tmp_path):
     pts, labs = torch.tensor([[[41.0, 10.0, 3.0], [12.0, 50.0, 40.0]]]), torch.tensor([[1, 0]])
     prev = torch.randn(1, 1, LOW, LOW, LOW)
     for prepared in (False, True):
-        assert torch.equal(
-            _logits(src, e_src, pts, labs, prev, prepared), _logits(geo, e_geo, pts, labs, prev, prepared)
-        )
+        assert torch.equal(logits(src, e_src, pts, labs, prev, prepared), logits(geo, e_geo, pts, labs, prev, prepared))
     with torch.no_grad():
         geo.mask_decoder.click_maps.conv.weight[:, N_CHANNELS:].normal_(0, 1.0)
-    changed = (_logits(geo, e_geo, pts, labs, prev) - _logits(src, e_src, pts, labs, prev)).abs()
+    changed = (logits(geo, e_geo, pts, labs, prev) - logits(src, e_src, pts, labs, prev)).abs()
     assert float(changed.max()) > 1e-3
-    torch.testing.assert_close(_logits(geo, e_geo, pts, labs, prev), _logits(geo, e_geo, pts, labs, prev, True))
+    torch.testing.assert_close(logits(geo, e_geo, pts, labs, prev), logits(geo, e_geo, pts, labs, prev, True))
     back = load_model(save_checkpoint(geo, tmp_path / "geo.pt")).eval()
     assert back.cfg.name == "memsam_hq_geo"
-    assert torch.equal(_logits(back, e_geo, pts, labs, prev), _logits(geo, e_geo, pts, labs, prev))
+    assert torch.equal(logits(back, e_geo, pts, labs, prev), logits(geo, e_geo, pts, labs, prev))
     # The geodesic head needs the image: an embedding without it is refused by name.
     with pytest.raises(ValueError, match="low-res image"):
-        _logits(geo, e_src, pts, labs, prev)
+        logits(geo, e_src, pts, labs, prev)
 
 
 def test_widen_state_only_adds_input_channels():
@@ -159,7 +141,7 @@ def test_widen_state_only_adds_input_channels():
 
 def test_finetune_memory_into_geo_trains_the_geodesic_columns(tmp_path, memsam):
     data = prepare_dataset(tmp_path / "d", sources=("phantom",), phantom_seeds=(0, 1))
-    init = save_checkpoint(_perturbed("memsam_hq_clicks"), tmp_path / "clicks.pt")
+    init = save_checkpoint(perturbed("memsam_hq_clicks"), tmp_path / "clicks.pt")
     args = ["--data", data, "--sources", "phantom", "--steps", "2", "--batch", "1", "--log-every", "1"]
     r = memsam("finetune-memory", "--model", init, "--config", "memsam_hq_geo", *args, "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
@@ -168,19 +150,12 @@ def test_finetune_memory_into_geo_trains_the_geodesic_columns(tmp_path, memsam):
     assert tuned.mask_decoder.click_maps.conv.weight[:, N_CHANNELS:].abs().max() > 0
     img = sorted((data / "images").iterdir())[0]
 
-    def session_mask(model):
-        session = InteractiveSession(model)
-        session.set_image(str(img))
-        session.add_segment("s")
-        session.add_point(np.array([20.0, 20.0, 17.0]))
-        return session.mask()
-
     # The session's (prepared) decode goes through the geodesic columns: strong ones change the mask.
     cols = tuned.mask_decoder.click_maps.conv.weight[:, N_CHANNELS:]
     with torch.no_grad():
         cols.zero_()
-        without = session_mask(tuned)
+        without = session_mask(tuned, img)
         torch.manual_seed(1)
         cols.normal_(0, 5.0)
-    strong = session_mask(tuned)
+    strong = session_mask(tuned, img)
     assert without.shape == strong.shape and (without != strong).any()
