@@ -37,6 +37,10 @@ from MemorizingSAMLib.session import InteractiveSession  # noqa: E402
 SAMPLES = ROOT / "Resources" / "SampleData"
 
 
+# The shipped model's config name (its file is named after it).
+DEFAULT_CONFIG = DEFAULT_MODEL_NAME.removesuffix(".pt")
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model(default_model_path()).prepare_for_inference()
@@ -325,7 +329,7 @@ def test_9_the_model_loads_on_the_worker_thread(core):
         future = lg.load_model(ModelChoice(use_memory=False))
         assert not future.done()  # the GUI thread goes on while the model loads
         lg.wait()
-        assert "memsam_hq_clicks" in lg.model_description and lg.loaded_on.startswith("MemorizingSAM")
+        assert DEFAULT_CONFIG in lg.model_description and lg.loaded_on.startswith("MemorizingSAM")
     finally:
         lg.close()
 
@@ -561,7 +565,7 @@ def test_remote_mode_sends_the_users_token_and_keeps_it_out_of_the_scene(core, t
         settings = remote.load_settings(store)
         assert settings == remote.RemoteSettings(server.url, token) and settings.enabled
         ok, text = remote.check_connection(settings)
-        assert ok and "memsam_hq_clicks" in text
+        assert ok and DEFAULT_CONFIG in text
 
         lg = SegmentationLogic(core.scene, core.app_logic)
         try:
