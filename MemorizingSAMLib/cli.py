@@ -276,7 +276,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             from .memory_bank import MemoryBank
 
             memory = MemoryBank.load(args.memory, model)
-        methods.append(SessionSegmenter(model, memory=memory, legacy=args.legacy, product_dtype=args.product_dtype))
+        methods.append(
+            SessionSegmenter(
+                model,
+                memory=memory,
+                legacy=args.legacy,
+                product_dtype=args.product_dtype,
+                **_edge_refine_arg(args.edge_refine),
+            )
+        )
     if args.baseline or not args.model:
         methods += [RegionGrowingSegmenter(), RandomWalkerSegmenter()]
     reports = []
@@ -883,9 +891,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="the decoder's large products with the image tokens in this dtype (SessionOptions.product_dtype); "
         "default exact",
     )
+    p.add_argument(
+        "--edge-refine",
+        metavar="RADIUS_MM,EPS|off",
+        help="the session's edge refinement (SessionOptions.edge_refine: a guided filter with windows of this "
+        "half-width in mm and this regularisation, e.g. 2,0.001, the default; 'off': the model's masks as they are; "
+        "always off with --legacy)",
+    )
     p.add_argument("--montage", type=int, default=6, help="cases in the PNG montage")
     p.add_argument("--out", default="out/eval", help="folder for JSON and PNGs")
     return ap
+
+
+def _edge_refine_arg(text: str | None) -> dict:
+    """--edge-refine as SessionSegmenter keywords: {} for the session's default, None for 'off', else the config;
+    a clear error for anything else."""
+    if text is None:
+        return {}
+    if text == "off":
+        return {"edge_refine": None}
+    from .edge_refine import EdgeRefineConfig
+
+    try:
+        return {"edge_refine": EdgeRefineConfig.parse(text)}
+    except ValueError as e:
+        raise SystemExit(f"--edge-refine: {e} (or 'off')") from None
 
 
 def _glue_negative_coordinates(argv: list[str]) -> list[str]:

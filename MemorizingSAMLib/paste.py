@@ -174,6 +174,28 @@ def sample_region(
     return sub, positive, None
 
 
+def sample_logits(
+    low: torch.Tensor, geom: Geometry, grid: CropGrid, region: Region
+) -> tuple[Region, np.ndarray, np.ndarray | None]:
+    """The trilinearly interpolated logits themselves (float32 [k, j, i]) at the volume voxels of ``region``:
+    (sub, logits, inside) as in :func:`sample_region`, for steps that need more than their sign (edge_refine.py).
+    One array, not tiles: such steps work on a region around one structure."""
+    a, b = ijk_to_crop_affine(geom, grid)
+    perm = axis_permutation(a)
+    lsize = low.shape[-1]
+    if perm is None:
+        vals, inside = _grid_sample_values(low, a, b, grid, region)
+        return region, np.where(inside, vals, np.float32(-30.0)), inside
+    plan = _separable_plan(a, b, perm, grid, region, lsize)
+    if plan is None:
+        return Region(region.lo, region.lo), np.zeros((0, 0, 0), np.float32), None
+    lp = low[0, 0].float().cpu().permute(*plan.low_axes)
+    t = (plan.w_k @ lp.reshape(lsize, -1)).view(-1, lsize, lsize)  # [k', b, c]
+    t = torch.matmul(plan.w_j, t)  # [k', j', c]
+    vals = torch.matmul(t, plan.w_i.T)  # [k', j', i']
+    return plan.sub, vals.numpy(), None
+
+
 @dataclass
 class _SeparablePlan:
     """What a separable paste of one region from one crop needs besides the logits (reused while both repeat)."""
@@ -182,6 +204,7 @@ class _SeparablePlan:
     w_k: torch.Tensor  # (k', L) interpolation weights per volume axis
     w_j: torch.Tensor
     groups: list  # of the i axis, see _column_groups
+    w_i: torch.Tensor
     low_axes: tuple[int, int, int]  # low-res tensor axes feeding volume axes k, j, i
 
 
@@ -200,7 +223,9 @@ def _separable_plan(a, b, perm, grid: CropGrid, region: Region, lsize: int) -> _
         lo[v], hi[v] = int(n[ok[0]]), int(n[ok[-1]]) + 1
         weights[v] = _interp_matrix(coord[ok[0] : ok[-1] + 1], lsize, s)
     axes = (crop_axis_of[2], crop_axis_of[1], crop_axis_of[0])
-    return _SeparablePlan(Region(tuple(lo), tuple(hi)), weights[2], weights[1], _column_groups(weights[0]), axes)
+    return _SeparablePlan(
+        Region(tuple(lo), tuple(hi)), weights[2], weights[1], _column_groups(weights[0]), weights[0], axes
+    )
 
 
 def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region, scratch: PasteScratch):
@@ -254,7 +279,8 @@ def _column_groups(w: np.ndarray | torch.Tensor, width: int = 80) -> list[tuple[
     return out
 
 
-def _sample_general(low, a, b, grid: CropGrid, region: Region) -> tuple[np.ndarray, np.ndarray]:
+def _grid_sample_values(low, a, b, grid: CropGrid, region: Region) -> tuple[np.ndarray, np.ndarray]:
+    """Interpolated logits (float32 [k, j, i]) at every voxel of ``region`` and the bool mask of those in the crop."""
     (i0, j0, k0), (i1, j1, k1) = region.lo, region.hi
     i = np.arange(i0, i1, dtype=np.float32)
     j = np.arange(j0, j1, dtype=np.float32)
@@ -272,5 +298,9 @@ def _sample_general(low, a, b, grid: CropGrid, region: Region) -> tuple[np.ndarr
     vals = F.grid_sample(
         low.float(), g.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border", align_corners=False
     )
-    positive = (vals.view(xyz.shape[:3]) > 0).cpu().numpy()
-    return positive & inside, inside
+    return vals.view(xyz.shape[:3]).cpu().numpy(), inside
+
+
+def _sample_general(low, a, b, grid: CropGrid, region: Region) -> tuple[np.ndarray, np.ndarray]:
+    vals, inside = _grid_sample_values(low, a, b, grid, region)
+    return (vals > 0) & inside, inside

@@ -276,6 +276,7 @@ class ViewGeometry:
         self.left, self.right, self.top, self.bottom = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))  # [k, j, i]
         nk, nj, ni = label.shape
+        self.shape_kji = label.shape
         self.k = nk // 2  # the slice through the volume's centre (odd counts: the middle one)
         yy, xx = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
         i = np.floor((xx - self.left) / (self.right - self.left) * ni).astype(int)

@@ -110,6 +110,7 @@ def test_failure_part_way_through_the_paste_changes_nothing(session, monkeypatch
     import MemorizingSAMLib.session as session_module
     from MemorizingSAMLib.paste import PasteScratch
 
+    session.options = SessionOptions(edge_refine=None)  # the tiled paste (the edge refinement writes one tile)
     session.add_segment()
     session.add_point((50, 60, 20))
     mask, prompts, steps = session.mask().copy(), session.prompts(), len(session.segments[session.active].undo)
@@ -131,6 +132,22 @@ def test_failure_part_way_through_the_paste_changes_nothing(session, monkeypatch
     monkeypatch.setattr(session_module, "sample_tiles", real)
     session.undo()  # the history still works: back to the empty mask
     assert not session.mask().any()
+
+
+def test_a_failing_edge_refinement_changes_nothing(session, monkeypatch):
+    import MemorizingSAMLib.session as session_module
+
+    session.add_segment()
+    session.add_point((50, 60, 20))
+    mask, steps = session.mask().copy(), len(session.segments[session.active].undo)
+
+    def failing(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(session_module, "refine", failing)
+    with pytest.raises(MemoryError, match="simulated"):
+        session.add_point((60, 70, 22), include=False)
+    assert np.array_equal(session.mask(), mask) and len(session.segments[session.active].undo) == steps
 
 
 def test_second_segment_leaves_first_alone(session):

@@ -316,16 +316,20 @@ def test_segments_are_added_renamed_recoloured_and_deleted_from_the_list(app, ch
     blue = (b - r >= 40) & (b - g >= 10)  # palette[1] (0.2, 0.6, 0.9) over grey
     inner = np.zeros_like(blue)
     inner[ys.min() + 6 : ys.max() - 6, xs.min() + 6 : xs.max() - 6] = True
+    # The drawn box (4 px past the lesion's slice) widened by one voxel on screen plus a pixel: the corners snap
+    # to voxels, and SessionOptions.clamp_to_box keeps every voxel of the segment inside the box.
+    px = int(np.ceil((geo.right - geo.left) / geo.shape_kji[2])) + 1
+    boxed = np.zeros_like(blue)
+    boxed[ys.min() - 4 - px : ys.max() + 5 + px, xs.min() - 4 - px : xs.max() + 5 + px] = True
     ARTIFACTS["box"] = {
         "blue_inside": float(blue[inner].mean()),
-        "blue_outside": float(blue[geo.volume & ~inner].mean()),
+        "blue_outside_box": float(blue[geo.volume & ~boxed].mean()),
+        "lesion_covered": float(blue[geo.lesion].mean()),
     }
     d.save_screenshot(str(ART / "box.png"))
     assert blue[inner].sum() > 200, "the box's segment is drawn in its colour inside the box"
-    # memsam_hq_geo: 0.70 % of the views outside the box's inner part (its segment follows the lesion a few
-    # voxels past the box in the coronal and sagittal views, session 15 CI); a segment ignoring the box covers
-    # far more.
-    assert blue[geo.volume & ~inner].mean() < 0.012, "and not outside it"
+    # Not a model-quality bound: nothing of the segment may lie outside the box, whatever the model predicts.
+    assert blue[geo.volume & ~boxed].sum() <= 3, "and nothing of it outside the box"
 
     # Segments in 3D: the 3D view draws their surfaces once asked to.
     three_d = browser.view_image(d, "ThreeD")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from MemorizingSAMLib.datasets import fetch_pyradiomics_data  # noqa: E402
 from MemorizingSAMLib.geometry import CropGrid, Geometry, normalize_crop, resample_to_crop  # noqa: E402
 from MemorizingSAMLib.memory_bank import MemoryBank  # noqa: E402
 from MemorizingSAMLib.resources import default_bank_path, default_model_path  # noqa: E402
-from MemorizingSAMLib.session import InteractiveSession  # noqa: E402
+from MemorizingSAMLib.session import InteractiveSession, SessionOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,15 +65,9 @@ def main() -> None:
         ((float(i + rng.integers(-15, 16)), float(j + rng.integers(-15, 16)), float(k)), n % 3 != 2)
         for n in range(args.clicks + 1)
     ]
-    session = InteractiveSession(model, memory=bank)
-    session.set_image(img)
-    session.add_segment()
-    session.add_point(*clicks[0])
-    first = session.last_timing["total_ms"]
-    times = []
-    for c in clicks[1:]:
-        session.add_point(*c)
-        times.append(session.last_timing["total_ms"])
+    first, times, paste = click_times(InteractiveSession(model, memory=bank), img, clicks)
+    plain = SessionOptions(edge_refine=None)
+    _, times_plain, paste_plain = click_times(InteractiveSession(model, plain, memory=bank), img, clicks)
     out = {
         "machine": info,
         "model": model_path.name,
@@ -83,9 +78,30 @@ def main() -> None:
         "first_click_ms": round(first, 1),
         "click_ms_p50": round(float(np.percentile(times, 50)), 2),
         "click_ms_p90": round(float(np.percentile(times, 90)), 2),
+        "paste_ms_p50": round(float(np.percentile(paste, 50)), 2),
+        "edge_refine": asdict(SessionOptions().edge_refine),
+        "without_edge_refine": {
+            "click_ms_p50": round(float(np.percentile(times_plain, 50)), 2),
+            "click_ms_p90": round(float(np.percentile(times_plain, 90)), 2),
+            "paste_ms_p50": round(float(np.percentile(paste_plain, 50)), 2),
+        },
         "clicks": args.clicks,
     }
     emit(out, args.json)
+
+
+def click_times(session: InteractiveSession, img: sitk.Image, clicks) -> tuple[float, list[float], list[float]]:
+    """First click's time, then each refinement click's total and paste time (ms, as the session reports)."""
+    session.set_image(img)
+    session.add_segment()
+    session.add_point(*clicks[0])
+    first = session.last_timing["total_ms"]
+    times, paste = [], []
+    for c in clicks[1:]:
+        session.add_point(*c)
+        times.append(session.last_timing["total_ms"])
+        paste.append(session.last_timing["paste_ms"])
+    return first, times, paste
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..datasets import check_label_grid, load_dataset, targets
+from ..edge_refine import DEFAULT_EDGE_REFINE, EdgeRefineConfig
 from ..protocol import SegmentationSession
 from ..session import InteractiveSession, SessionOptions
 from .clicks import first_click, next_click
@@ -34,6 +35,13 @@ class EvalConfig:
     min_voxels: int = 20
 
 
+def _refine_tag(edge_refine: EdgeRefineConfig | None, legacy: bool) -> str:
+    """Names a non-default edge refinement in the method's name (and so in the report's file name)."""
+    if legacy or edge_refine == DEFAULT_EDGE_REFINE:
+        return ""
+    return " no-edge-refine" if edge_refine is None else f" {edge_refine.label}"
+
+
 class SessionSegmenter:
     """A session in the evaluation harness: an InteractiveSession of ``model``, or any SegmentationSession given
     as ``session`` (a RemoteSession evaluates a server; the legacy protocol needs an InteractiveSession)."""
@@ -46,14 +54,18 @@ class SessionSegmenter:
         name: str | None = None,
         product_dtype: str | None = None,
         session: SegmentationSession | None = None,
+        edge_refine: EdgeRefineConfig | None = DEFAULT_EDGE_REFINE,
     ):
         if session is None:
-            options = SessionOptions(newest_click_only=legacy, product_dtype=product_dtype)
+            # The published protocol measures the model's own masks: no refinement there.
+            edge_refine = None if legacy else edge_refine
+            options = SessionOptions(newest_click_only=legacy, product_dtype=product_dtype, edge_refine=edge_refine)
             session = InteractiveSession(model, options, memory=memory)
             name = name or (
                 model.cfg.name
                 + (" +memory" if memory is not None else "")
                 + (f" {product_dtype}" if product_dtype else "")
+                + _refine_tag(edge_refine, legacy)
             )
         elif legacy and not isinstance(session, InteractiveSession):
             raise ValueError("the legacy protocol locks the crop: it needs an InteractiveSession")
