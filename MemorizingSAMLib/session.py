@@ -607,7 +607,7 @@ class InteractiveSession:
             if refine_cfg is None:
                 tiles = sample_tiles(low, geom, state.crop, region, self._scratch)
             else:
-                tiles = [self._refined_tile(low, state.crop, region, refine_cfg)]
+                tiles = [self._refined_tile(low, state.crop, region, new_region, refine_cfg)]
             # Tiles are written as they are sampled: should anything fail part-way, the written ones are put back.
             try:
                 for tile in tiles:
@@ -637,11 +637,23 @@ class InteractiveSession:
         seg.state = state
         return _bounding(edits)
 
-    def _refined_tile(self, low: torch.Tensor, crop: CropGrid, region: Region, cfg: EdgeRefineConfig) -> Tile:
+    def _refined_tile(
+        self, low: torch.Tensor, crop: CropGrid, region: Region, target: Region | None, cfg: EdgeRefineConfig
+    ) -> Tile:
+        """One tile over ``region``: the refined mask within ``target`` (the logits' positive bound, widened by
+        the filter's reach), cleared elsewhere. The filter sees ``target`` only, never the rest of ``region``
+        (the previous result's box, which depends on the history), so that the same prompts give the same mask
+        whichever way they were placed."""
         sub, logits, inside = sample_logits(low, self.geometry, crop, region)
-        if sub.empty:
-            return Tile(sub, np.zeros((0, 0, 0), bool))
-        positive = refine(logits, self._voxels[sub.slices], self.geometry.spacing, cfg)
+        positive = np.zeros(logits.shape, bool)
+        if sub.empty or target is None:
+            return Tile(sub, positive, inside)
+        lo = [max(a, b) for a, b in zip(sub.lo, target.lo)]
+        hi = [min(a, b) for a, b in zip(sub.hi, target.hi)]
+        part = Region(tuple(lo), tuple(hi))
+        if not part.empty:
+            rel = tuple(slice(s.start - o, s.stop - o) for s, o in zip(part.slices, sub.lo[::-1]))
+            positive[rel] = refine(logits[rel], self._voxels[part.slices], self.geometry.spacing, cfg)
         if inside is not None:
             positive &= inside
         return Tile(sub, positive, inside)

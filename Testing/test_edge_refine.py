@@ -141,3 +141,30 @@ def test_the_command_line_form_parses_and_names_its_errors():
     for bad in ("3", "3,x", "3,4,5", "-1,4"):
         with pytest.raises(ValueError, match="RADIUS_MM|radius_mm"):
             EdgeRefineConfig.parse(bad)
+
+
+def test_refined_masks_depend_on_the_prompts_not_on_how_they_were_placed():
+    """Deleting the first of several clicks replays the rest; the segment then holds the mask a fresh segment gets
+    from the same prompts (the filter never sees the previous result's box, which depends on the history). The
+    shipped model on the shipped lung crop, where the masks are real ones."""
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from MemorizingSAMLib.checkpoints import load_model
+    from MemorizingSAMLib.resources import default_model_path
+
+    samples = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(samples / "lung2_crop_label.nii.gz"))) > 0
+    k, j, i = np.argwhere(lesion).mean(0)
+    s = InteractiveSession(load_model(default_model_path()).prepare_for_inference())
+    assert s.options.edge_refine is not None  # the default
+    s.set_image(str(samples / "lung2_crop.nii.gz"))
+    a = s.add_segment()
+    for di, dj, inc in [(0, 0, True), (-12, 4, False), (6, -6, True), (14, 2, False), (-4, 10, True)]:
+        s.add_point((i + di, j + dj, k), include=inc, segment=a)
+    kept = list(s.placed(a))[1:]
+    s.set_prompts(kept, a)
+    b = s.add_segment()
+    s.set_prompts(kept, b)
+    assert s.mask(a).sum() > 300 and np.array_equal(s.mask(a), s.mask(b))

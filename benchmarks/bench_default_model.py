@@ -66,8 +66,8 @@ def main() -> None:
         for n in range(args.clicks + 1)
     ]
     first, times, paste = click_times(InteractiveSession(model, memory=bank), img, clicks)
-    plain = SessionOptions(edge_refine=None)
-    _, times_plain, paste_plain = click_times(InteractiveSession(model, plain, memory=bank), img, clicks)
+    unrefined = SessionOptions(edge_refine=None)
+    _, times_plain, paste_plain = click_times(InteractiveSession(model, unrefined, memory=bank), img, clicks)
     out = {
         "machine": info,
         "model": model_path.name,

@@ -601,7 +601,16 @@ class SegmentationLogic(VTKObservationMixin):
 
     def _write(self, segment_id: str, result: Result, t0: float | None = None) -> None:
         delivered = time.perf_counter()
-        if result.region is not None:
+        if mrml.shares_layer(self.segmentation, segment_id):
+            # Layers were collapsed behind our back: where segments overlapped, the shared layer kept one label,
+            # so this segment may have lost voxels the session still has. The whole mask goes back, whether or
+            # not this step changed anything.
+            sid = self.segments[segment_id].sid
+            full = self.worker.call(lambda: self.session.mask(sid).copy())
+            mrml.write_segment_region(
+                self.segmentation, segment_id, self.volume, full, tuple(slice(0, n) for n in full.shape)
+            )
+        elif result.region is not None:
             mrml.write_segment_region(self.segmentation, segment_id, self.volume, result.voxels, result.region.slices)
         if t0 is not None:
             written = time.perf_counter()

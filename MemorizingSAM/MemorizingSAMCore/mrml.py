@@ -131,6 +131,13 @@ def new_segment(segmentation_node, volume_node, name: str, color=(0.9, 0.4, 0.1)
     return segment_id
 
 
+def shares_layer(segmentation_node, segment_id: str) -> bool:
+    """Whether ``segment_id`` shares its labelmap layer with other segments (Segment Editor collapses layers)."""
+    shared: list[str] = []
+    segmentation_node.GetSegmentation().GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, shared, False)
+    return bool(shared)
+
+
 def separate_layer(segmentation_node, segment_id: str) -> None:
     """Move ``segment_id`` into a labelmap layer of its own if it shares one (the other segments keep theirs)."""
     shared: list[str] = []
