@@ -8,7 +8,8 @@ the same crop occupied, which must be cleared) are sampled, straight from the 32
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -105,8 +106,10 @@ class PasteScratch:
     def __init__(self, tile_voxels: int = 1 << 19) -> None:
         self.tile_voxels = tile_voxels
         self._buffers: dict[str, torch.Tensor] = {}
-        self.plan_key: tuple | None = None
-        self.plan = None
+        # Separable-interpolation plans by (crop transform, region): a refinement click usually repeats the
+        # paste's region and the edge refinement's widened one, so a few entries cover a click loop.
+        self._plans: OrderedDict[tuple, object] = OrderedDict()
+        self.max_plans = 4
 
     def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer of at least ``n`` elements (contents undefined)."""
@@ -115,6 +118,17 @@ class PasteScratch:
             buf = torch.empty(max(n, self.tile_voxels), dtype=dtype)
             self._buffers[name] = buf
         return buf[:n]
+
+    def plan(self, key: tuple, make: Callable[[], object]) -> object:
+        """The cached plan for ``key``, made by ``make()`` on a miss (least recently used entries dropped)."""
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        value = make()
+        self._plans[key] = value
+        while len(self._plans) > self.max_plans:
+            self._plans.popitem(last=False)
+        return value
 
 
 @contextmanager
@@ -175,7 +189,7 @@ def sample_region(
 
 
 def sample_logits(
-    low: torch.Tensor, geom: Geometry, grid: CropGrid, region: Region
+    low: torch.Tensor, geom: Geometry, grid: CropGrid, region: Region, scratch: PasteScratch | None = None
 ) -> tuple[Region, np.ndarray, np.ndarray | None]:
     """The trilinearly interpolated logits themselves (float32 [k, j, i]) at the volume voxels of ``region``:
     (sub, logits, inside) as in :func:`sample_region`, for steps that need more than their sign (edge_refine.py).
@@ -186,7 +200,7 @@ def sample_logits(
     if perm is None:
         vals, inside = _grid_sample_values(low, a, b, grid, region)
         return region, np.where(inside, vals, np.float32(-30.0)), inside
-    plan = _separable_plan(a, b, perm, grid, region, lsize)
+    plan = _cached_plan(a, b, perm, grid, region, lsize, scratch or PasteScratch())
     if plan is None:
         return Region(region.lo, region.lo), np.zeros((0, 0, 0), np.float32), None
     lp = low[0, 0].float().cpu().permute(*plan.low_axes)
@@ -228,13 +242,14 @@ def _separable_plan(a, b, perm, grid: CropGrid, region: Region, lsize: int) -> _
     )
 
 
+def _cached_plan(a, b, perm, grid: CropGrid, region: Region, lsize: int, scratch: PasteScratch):
+    key = (a.tobytes(), b.tobytes(), tuple(perm), grid, region, lsize)
+    return scratch.plan(key, lambda: _separable_plan(a, b, perm, grid, region, lsize))
+
+
 def _sample_separable(low, a, b, perm, grid: CropGrid, region: Region, scratch: PasteScratch):
     lsize = low.shape[-1]
-    # Refinement clicks in one crop usually paste the same region: its plan is kept (one entry).
-    key = (a.tobytes(), b.tobytes(), tuple(perm), grid, region, lsize)
-    if scratch.plan_key != key:
-        scratch.plan_key, scratch.plan = key, _separable_plan(a, b, perm, grid, region, lsize)
-    plan = scratch.plan
+    plan = _cached_plan(a, b, perm, grid, region, lsize, scratch)
     if plan is None:
         yield Tile(Region(region.lo, region.lo), np.zeros((0, 0, 0), bool))
         return

@@ -304,8 +304,9 @@ class InteractiveSession:
         validate_image(img)
         self.image = img
         self.geometry = Geometry.from_sitk(img)
-        # The voxels as a [k, j, i] view of the image's buffer (no copy), for the edge refinement.
-        self._voxels = sitk.GetArrayViewFromImage(img) if self.options.edge_refine is not None else None
+        # The voxels as a [k, j, i] view of the image's buffer (no copy), for the edge refinement; taken whatever
+        # the options say, so that options changed later find it.
+        self._voxels = sitk.GetArrayViewFromImage(img)
         self._image_key = object()  # identity of this image for the embedding cache
         self.segments.clear()
         self.active = None
@@ -644,7 +645,7 @@ class InteractiveSession:
         the filter's reach), cleared elsewhere. The filter sees ``target`` only, never the rest of ``region``
         (the previous result's box, which depends on the history), so that the same prompts give the same mask
         whichever way they were placed."""
-        sub, logits, inside = sample_logits(low, self.geometry, crop, region)
+        sub, logits, inside = sample_logits(low, self.geometry, crop, region, self._scratch)
         positive = np.zeros(logits.shape, bool)
         if sub.empty or target is None:
             return Tile(sub, positive, inside)

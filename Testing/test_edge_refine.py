@@ -9,7 +9,7 @@ from scipy import ndimage
 from MemorizingSAMLib.edge_refine import EdgeRefineConfig, _block_mean, _upsample, guided_filter, refine
 from MemorizingSAMLib.geometry import CropGrid, Geometry
 from MemorizingSAMLib.modeling import build_sam3d
-from MemorizingSAMLib.paste import Region, sample_logits, sample_region
+from MemorizingSAMLib.paste import PasteScratch, Region, sample_logits, sample_region, sample_tiles
 from MemorizingSAMLib.session import InteractiveSession, SessionOptions
 
 
@@ -109,6 +109,47 @@ def test_sampled_logits_have_the_sign_of_the_pasted_mask(oblique):
     assert (inside is None) == (inside2 is None)
     agree = (logits > 0)[ok] == positive[ok]
     assert agree.mean() > 0.9999 and np.abs(logits[ok][~agree]).max(initial=0) < 1e-5
+
+
+def test_a_shared_scratch_gives_the_plans_of_the_region_asked_for():
+    # The plan cache is keyed by crop transform and region: interleaving regions and crops (as the paste and
+    # the edge refinement do within one click) must never hand one region's interpolation weights to another.
+    torch.manual_seed(4)
+    geom = Geometry((90, 70, 30), (0.7, 0.8, 2.5), (3.0, -7.0, 11.0), tuple(np.eye(3).reshape(-1)))
+    grids = [CropGrid.centred_on(geom.ijk_to_ras(np.array(c)), 1.5, 64) for c in ((45.0, 35, 15), (40.0, 30, 12))]
+    regions = [Region((5, 4, 2), (80, 66, 28)), Region((20, 10, 5), (60, 50, 20)), Region((0, 0, 0), (90, 70, 30))]
+    low = torch.randn(1, 1, 32, 32, 32)
+    scratch = PasteScratch()
+    scratch.max_plans = 2  # smaller than the number of distinct keys below, so entries are also evicted
+    for _ in range(2):
+        for grid in grids:
+            for region in regions:
+                sub, vals, _ = sample_logits(low, geom, grid, region, scratch)
+                sub0, vals0, _ = sample_logits(low, geom, grid, region)
+                assert sub == sub0 and np.array_equal(vals, vals0)
+                # A tile's mask is scratch memory until the next tile: copied as they come.
+                tiles = [(t.region, t.positive.copy()) for t in sample_tiles(low, geom, grid, region, scratch)]
+                fresh = [(t.region, t.positive.copy()) for t in sample_tiles(low, geom, grid, region)]
+                assert [r for r, _ in tiles] == [r for r, _ in fresh]
+                assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(tiles, fresh))
+
+
+def test_edge_refinement_switched_on_after_the_image_was_set_works_as_from_the_start():
+    torch.manual_seed(0)
+    model = build_sam3d("memsam_tiny_student").eval()
+    rng = np.random.default_rng(1)
+    vol = rng.normal(100, 20, (40, 120, 110)).astype(np.float32)
+    vol[10:30, 40:80, 30:70] += 300
+    masks = []
+    for late in (False, True):
+        s = InteractiveSession(model, SessionOptions(edge_refine=None if late else EdgeRefineConfig()))
+        s.set_image(vol, spacing=(0.8, 0.8, 2.5))
+        if late:
+            s.options = SessionOptions(edge_refine=EdgeRefineConfig())
+        seg = s.add_segment()
+        s.add_point((50.0, 60.0, 20.0))
+        masks.append(s.mask(seg).copy())
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])
 
 
 def test_session_with_edge_refinement_writes_its_region_and_undoes_exactly():
