@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_session import click_points, first_click, lung2_and_target  # noqa: E402
+from bench_session import MODEL_MASK, click_points, first_click, lung2_and_target  # noqa: E402
 from common import emit, machine_info, setup_threads  # noqa: E402
 from trained_decoder import trained_decoder_model  # noqa: E402
 
-from MemorizingSAMLib.session import InteractiveSession, SessionOptions  # noqa: E402
+from MemorizingSAMLib.session import InteractiveSession  # noqa: E402
 
 SPIN_S = 0.003
 
@@ -62,7 +62,7 @@ def _spin_both(scratch: torch.Tensor) -> None:
 
 def run(args) -> dict:
     img, p0 = lung2_and_target()
-    session, _ = first_click(trained_decoder_model(), img, p0, SessionOptions())
+    session, _ = first_click(trained_decoder_model(), img, p0, MODEL_MASK)
     scratch = torch.randn(256, 256)
     conditions = {
         "back_to_back": None,
