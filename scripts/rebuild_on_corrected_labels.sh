@@ -7,13 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 M=.venv/bin/memsam
 test -f data/eval/dataset.json || $M data fetch --out data/eval
-test -f runs/fx_student/student.pt || $M distill --teacher training_state/hq_teacher_fixed.pt \
+# The memory-tuned student of session 17 is kept in training_state/ (fp16): a new machine starts from it.
+MEM=runs/fx_memory/model.pt
+if [ ! -f "$MEM" ] && [ -f training_state/fx_memory.pt ]; then MEM=training_state/fx_memory.pt; fi
+test -f "$MEM" || test -f runs/fx_student/student.pt || $M distill --teacher training_state/hq_teacher_fixed.pt \
   --student-config memsam_hq_student --data data/eval --steps 600 --finetune-steps 400 --log-every 25 \
   --out runs/fx_student
-test -f runs/fx_memory/model.pt || $M finetune-memory --model runs/fx_student/student.pt --config memsam_hq_memory \
+test -f "$MEM" || $M finetune-memory --model runs/fx_student/student.pt --config memsam_hq_memory \
   --data data/eval --steps 1500 --log-every 50 --checkpoint-every 100 --memory-lr-scale 10 --procedural 0.2 \
   --out runs/fx_memory
-test -f runs/fx_clickmaps/model.pt || $M finetune-memory --model runs/fx_memory/model.pt --config memsam_hq_clicks \
+test -f runs/fx_clickmaps/model.pt || $M finetune-memory --model "$MEM" --config memsam_hq_clicks \
   --data data/eval --steps 2000 --lr 1e-4 --memory-lr-scale 1 --procedural 0.2 --max-clicks 10 --log-every 50 \
   --checkpoint-every 100 --half --out runs/fx_clickmaps
 test -f runs/fx_geo/model.pt || $M finetune-memory --model runs/fx_clickmaps/model.pt --config memsam_hq_geo \
