@@ -134,12 +134,17 @@ def test_a_shared_scratch_gives_the_plans_of_the_region_asked_for():
                 assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(tiles, fresh))
 
 
-def test_edge_refinement_switched_on_after_the_image_was_set_works_as_from_the_start():
+def tiny_model_and_bright_box(seed: int) -> tuple[torch.nn.Module, np.ndarray]:
+    """An untrained small model and a noisy [k, j, i] volume holding one bright box."""
     torch.manual_seed(0)
     model = build_sam3d("memsam_tiny_student").eval()
-    rng = np.random.default_rng(1)
-    vol = rng.normal(100, 20, (40, 120, 110)).astype(np.float32)
+    vol = np.random.default_rng(seed).normal(100, 20, (40, 120, 110)).astype(np.float32)
     vol[10:30, 40:80, 30:70] += 300
+    return model, vol
+
+
+def test_edge_refinement_switched_on_after_the_image_was_set_works_as_from_the_start():
+    model, vol = tiny_model_and_bright_box(1)
     masks = []
     for late in (False, True):
         s = InteractiveSession(model, SessionOptions(edge_refine=None if late else EdgeRefineConfig()))
@@ -153,11 +158,7 @@ def test_edge_refinement_switched_on_after_the_image_was_set_works_as_from_the_s
 
 
 def test_session_with_edge_refinement_writes_its_region_and_undoes_exactly():
-    torch.manual_seed(0)
-    model = build_sam3d("memsam_tiny_student").eval()
-    rng = np.random.default_rng(0)
-    vol = rng.normal(100, 20, (40, 120, 110)).astype(np.float32)
-    vol[10:30, 40:80, 30:70] += 300
+    model, vol = tiny_model_and_bright_box(0)
     s = InteractiveSession(model, SessionOptions(edge_refine=EdgeRefineConfig()))
     s.set_image(vol, spacing=(0.8, 0.8, 2.5))
     seg = s.add_segment()
