@@ -21,6 +21,7 @@ import argparse
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,7 @@ def paced(recipe, trained, img, p0, clicks: int, pause_s: float) -> dict:
 
 
 def paired(model, img, p0, clicks: int) -> dict:
-    setups = {"exact": MODEL_MASK, "bf16_products": SessionOptions(product_dtype="bfloat16", edge_refine=None)}
+    setups = {"exact": MODEL_MASK, "bf16_products": replace(MODEL_MASK, product_dtype="bfloat16")}
     sessions, records = {}, {}
     for name, options in setups.items():
         sessions[name], _ = first_click(model, img, p0, options)

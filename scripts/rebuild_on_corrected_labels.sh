@@ -26,5 +26,8 @@ test -f runs/fx_geo/bank.msam || $M build-memory --model runs/fx_geo/model.pt --
   --sources pyradiomics,mricron --out runs/fx_geo/bank.msam
 $M evaluate --model runs/fx_geo/model.pt --memory runs/fx_geo/bank.msam --data data/eval --clicks 10 --montage 0 \
   --out out/fx_geo
-.venv/bin/python scripts/compare_evaluations.py out/edge/eval_memsam_hq_geo_memory.json \
+# The shipped model through the same harness (out/ is not committed: evaluated here when missing).
+test -f out/fx_shipped/eval_memsam_hq_geo_memory.json || $M evaluate --model Resources/models/memsam_hq_geo.pt \
+  --memory Resources/models/memsam_hq_geo.bank.msam --data data/eval --clicks 10 --montage 0 --out out/fx_shipped
+.venv/bin/python scripts/compare_evaluations.py out/fx_shipped/eval_memsam_hq_geo_memory.json \
   out/fx_geo/eval_memsam_hq_geo_memory.json | tee runs/fx_compare.txt
