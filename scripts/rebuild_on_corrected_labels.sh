@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue #18, session 17: the shipped recipe (scripts/build_default_model.sh, steps 2-5) rebuilt from the teacher
 # continued on the corrected phantom labels (training_state/hq_teacher_fixed.pt, scripts/teacher_corrected_labels.sh)
-# into runs/fx_*, then the held-out evaluation paired against the shipped model. Nothing in Resources/ is touched:
-# the candidate ships only if it is measured better. Every step resumes or skips what is done: run it again.
+# into runs/fx_*, then the held-out evaluation paired against the session-15 model. Nothing in Resources/ is
+# touched. Its result (sessions 17-18) ships as Resources/models/memsam_hq_geo.pt (docs/training.md). Every step
+# resumes or skips what is done: run it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=.venv/bin/memsam
@@ -26,8 +27,11 @@ test -f runs/fx_geo/bank.msam || $M build-memory --model runs/fx_geo/model.pt --
   --sources pyradiomics,mricron --out runs/fx_geo/bank.msam
 $M evaluate --model runs/fx_geo/model.pt --memory runs/fx_geo/bank.msam --data data/eval --clicks 10 --montage 0 \
   --out out/fx_geo
-# The shipped model through the same harness (out/ is not committed: evaluated here when missing).
-test -f out/fx_shipped/eval_memsam_hq_geo_memory.json || $M evaluate --model Resources/models/memsam_hq_geo.pt \
-  --memory Resources/models/memsam_hq_geo.bank.msam --data data/eval --clicks 10 --montage 0 --out out/fx_shipped
+# The model it replaced (session 15, shipped until session 17; kept in training_state/) through the same harness.
+S15=training_state/memsam_hq_geo_session15.pt
+test -f runs/s15/bank.msam || $M build-memory --model $S15 --data data/eval --split train \
+  --sources pyradiomics,mricron --out runs/s15/bank.msam
+test -f out/fx_shipped/eval_memsam_hq_geo_memory.json || $M evaluate --model $S15 --memory runs/s15/bank.msam \
+  --data data/eval --clicks 10 --montage 0 --out out/fx_shipped
 .venv/bin/python scripts/compare_evaluations.py out/fx_shipped/eval_memsam_hq_geo_memory.json \
   out/fx_geo/eval_memsam_hq_geo_memory.json | tee runs/fx_compare.txt
