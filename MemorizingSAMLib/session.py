@@ -35,6 +35,7 @@ from .geometry import (
     resample_to_crop,
     validate_image,
 )
+from .islands import drop_islands
 from .modeling.prepared import PreparedEmbedding
 from .modeling.sam3d import Sam3D
 from .paste import PasteScratch, Tile, positive_region, sample_logits, sample_tiles
@@ -204,6 +205,9 @@ class SessionOptions:
     edge_refine: a guided filter that moves the upsampled mask's boundary onto the image's edges at the volume's
         resolution (edge_refine.py; on by default, ~3 ms per click on the lung CT); None: the mask is exactly the
         model's logits upsampled, as the published models' code gives it (the legacy evaluation protocol).
+    drop_islands: with edge_refine on, a 26-connected part of the new mask that holds no include click (nor a
+        box's centre) and has fewer than this share of the largest part's voxels is dropped (islands.py: specks
+        on strong edges elsewhere in the crop); None keeps every part.
     product_dtype: None (exact: the model's dtype) or "bfloat16": the mask decoder's large products with the image
         tokens in bfloat16 (see Sam3D.decode), ~1 ms less per click on CPUs with native bf16 dot products; masks
         differ from the exact ones at a few boundary voxels (README, "The interactive session").
@@ -220,12 +224,15 @@ class SessionOptions:
     max_undo_bytes: int = 256 * 2**20
     max_chain_states: int = 64
     edge_refine: EdgeRefineConfig | None = DEFAULT_EDGE_REFINE
+    drop_islands: float | None = 0.05
 
     def __post_init__(self) -> None:
         if self.max_points < 1:
             raise ValueError(f"max_points must be >= 1, got {self.max_points}")
         if self.max_chain_states < 1:
             raise ValueError(f"max_chain_states must be >= 1, got {self.max_chain_states}")
+        if self.drop_islands is not None and not 0.0 <= self.drop_islands <= 1.0:
+            raise ValueError(f"drop_islands must be None or in [0, 1], got {self.drop_islands}")
         if self.max_undo_bytes < 0:
             raise ValueError(f"max_undo_bytes must be >= 0, got {self.max_undo_bytes}")
         if self.product_dtype not in PRODUCT_DTYPES:
@@ -608,7 +615,7 @@ class InteractiveSession:
             if refine_cfg is None:
                 tiles = sample_tiles(low, geom, state.crop, region, self._scratch)
             else:
-                tiles = [self._refined_tile(low, state.crop, region, new_region, refine_cfg)]
+                tiles = [self._refined_tile(low, state.crop, region, new_region, refine_cfg, state.prompts)]
             # Tiles are written as they are sampled: should anything fail part-way, the written ones are put back.
             try:
                 for tile in tiles:
@@ -639,7 +646,13 @@ class InteractiveSession:
         return _bounding(edits)
 
     def _refined_tile(
-        self, low: torch.Tensor, crop: CropGrid, region: Region, target: Region | None, cfg: EdgeRefineConfig
+        self,
+        low: torch.Tensor,
+        crop: CropGrid,
+        region: Region,
+        target: Region | None,
+        cfg: EdgeRefineConfig,
+        prompts: tuple[Prompt, ...] = (),
     ) -> Tile:
         """One tile over ``region``: the refined mask within ``target`` (the logits' positive bound, widened by
         the filter's reach), cleared elsewhere. The filter sees ``target`` only, never the rest of ``region``
@@ -657,6 +670,10 @@ class InteractiveSession:
             positive[rel] = refine(logits[rel], self._voxels[part.slices], self.geometry.spacing, cfg)
         if inside is not None:
             positive &= inside
+        if self.options.drop_islands is not None:
+            keep = [np.rint(p.centre) for p in prompts if p.include or p.is_box]
+            keep_kji = (np.array(keep, np.int64).reshape(-1, 3) - np.array(sub.lo))[:, ::-1]
+            positive = drop_islands(positive, keep_kji, self.options.drop_islands)
         return Tile(sub, positive, inside)
 
     @staticmethod

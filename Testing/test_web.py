@@ -126,7 +126,11 @@ def choose(d, select_id: str, text: str) -> None:
     )
 
     def click_item():
-        from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+        from selenium.common.exceptions import (
+            ElementClickInterceptedException,
+            ElementNotInteractableException,
+            StaleElementReferenceException,
+        )
 
         items = d.find_elements(By.XPATH, xpath)
         if not items:
@@ -134,7 +138,8 @@ def choose(d, select_id: str, text: str) -> None:
         try:
             items[0].click()  # refused while the menu still slides open
             return True
-        except (ElementClickInterceptedException, StaleElementReferenceException):
+        # Refused while the menu slides open or re-renders under load (seen as "not interactable" on a busy run).
+        except (ElementClickInterceptedException, ElementNotInteractableException, StaleElementReferenceException):
             return False
 
     browser.wait_until(click_item, 10, f"option {text!r}")
@@ -206,9 +211,10 @@ def test_a_click_on_the_lesion_segments_it_undo_removes_it_and_the_export_reads_
     assert precision > 0.8, "what is drawn lies on the lesion"
     # Speckles in the chest wall (the model card says so): 0.19 % of this view for memsam_hq_clicks, 0.22 % for
     # memsam_hq_geo's own masks, 0.09 % once the session's edge refinement has put them on the image's edges
-    # (session 16), 0.25 % for the session-18 weights (two specks on a rib's edge); a mask leaking into the wall
-    # or lung covers several percent.
-    assert drawn[away].mean() < 0.003, "nothing is drawn away from the lesion"
+    # (session 16), 0.25 % for the session-18 weights (two specks on a rib's edge), none once the session drops
+    # islands away from the clicks (SessionOptions.drop_islands); a mask leaking into the wall or lung covers
+    # several percent.
+    assert drawn[away].mean() < 0.001, "nothing is drawn away from the lesion"
     assert browser.state(d, "decodes") == 1
     first = export(d, downloads, ".nii.gz")
     shutil.copy(first, ART / "click1_segments.nii.gz")

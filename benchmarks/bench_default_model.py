@@ -80,6 +80,7 @@ def main() -> None:
         "click_ms_p90": round(float(np.percentile(times, 90)), 2),
         "paste_ms_p50": round(float(np.percentile(paste, 50)), 2),
         "edge_refine": asdict(SessionOptions().edge_refine),
+        "drop_islands": SessionOptions().drop_islands,
         "without_edge_refine": {
             "click_ms_p50": round(float(np.percentile(times_plain, 50)), 2),
             "click_ms_p90": round(float(np.percentile(times_plain, 90)), 2),
