@@ -20,7 +20,9 @@ def drop_islands(mask: np.ndarray, keep_kji: np.ndarray, min_fraction: float) ->
     min_fraction: a component with at least this share of the largest component's voxels stays regardless.
     Returns a new bool array (``mask`` itself when nothing is dropped).
     """
-    labels, n = ndimage.label(mask, structure=_FULL)
+    # intp labels: np.bincount would otherwise copy an int32 array to intp first (~10 ms on 3M voxels).
+    labels = np.empty(mask.shape, np.intp)
+    n = ndimage.label(mask, structure=_FULL, output=labels)
     if n <= 1:
         return mask
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
