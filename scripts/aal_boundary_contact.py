@@ -20,34 +20,42 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from compare_evaluations import _dice_at  # scripts/ is on sys.path when this runs as a script
 from scipy.stats import spearmanr
 
 
-def face_statistics(label_map: np.ndarray, image: np.ndarray, value: int) -> dict:
-    """Outer-face statistics of one label; arrays KJI, same grid. Steps are in image units."""
+def neighbours(label_map: np.ndarray, image: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The 6 face neighbours of every voxel, as (label, image, valid) arrays on the same KJI grid; made once and
+    shared by every structure (``valid`` is False where np.roll wrapped around)."""
+    out = []
+    for axis in range(3):
+        for shift in (1, -1):
+            edge = [slice(None)] * 3
+            edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
+            valid = np.ones(label_map.shape, bool)
+            valid[tuple(edge)] = False
+            out.append((np.roll(label_map, shift, axis), np.roll(image, shift, axis), valid))
+    return out
+
+
+def face_statistics(label_map: np.ndarray, image: np.ndarray, nbs: list, value: int) -> dict:
+    """Outer-face statistics of one label; arrays KJI, same grid, ``nbs`` from :func:`neighbours`. Steps are in
+    image units."""
     inside = label_map == value
     touch_other = touch_zero = 0
     step_other: list[np.ndarray] = []
     step_zero: list[np.ndarray] = []
     step_inner: list[np.ndarray] = []  # the noise and texture floor: faces with the label on both sides
-    for axis in range(3):
-        for shift in (1, -1):
-            nb_label = np.roll(label_map, shift, axis)
-            nb_image = np.roll(image, shift, axis)
-            # np.roll wraps around: the wrapped slab is not a neighbour, so drop it.
-            edge = [slice(None)] * 3
-            edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
-            valid = np.ones_like(inside)
-            valid[tuple(edge)] = False
-            face = inside & valid & (nb_label != value)
-            other = face & (nb_label != 0)
-            zero = face & (nb_label == 0)
-            inner = inside & valid & (nb_label == value)
-            step_inner.append(np.abs(image[inner] - nb_image[inner]))
-            touch_other += int(other.sum())
-            touch_zero += int(zero.sum())
-            step_other.append(np.abs(image[other] - nb_image[other]))
-            step_zero.append(np.abs(image[zero] - nb_image[zero]))
+    for nb_label, nb_image, valid in nbs:
+        face = inside & valid & (nb_label != value)
+        other = face & (nb_label != 0)
+        zero = face & (nb_label == 0)
+        inner = inside & valid & (nb_label == value)
+        step_inner.append(np.abs(image[inner] - nb_image[inner]))
+        touch_other += int(other.sum())
+        touch_zero += int(zero.sum())
+        step_other.append(np.abs(image[other] - nb_image[other]))
+        step_zero.append(np.abs(image[zero] - nb_image[zero]))
     total = touch_other + touch_zero
     return {
         "voxels": int(inside.sum()),
@@ -74,11 +82,12 @@ def main() -> None:
     labels = sitk.GetArrayFromImage(lab_img).astype(np.int32)
     image = sitk.GetArrayFromImage(img)
     scale = float(image[labels > 0].std()) or 1.0
+    nbs = neighbours(labels, image)
     rows = {}
     for key, split in case["structure_split"].items():
         if split != "heldout" or not np.any(labels == int(key)):
             continue
-        s = face_statistics(labels, image, int(key))
+        s = face_statistics(labels, image, nbs, int(key))
         s["step_zero"] /= scale
         s["step_other"] /= scale
         s["step_inner"] /= scale
@@ -102,7 +111,7 @@ def main() -> None:
         thirds = np.array_split(np.argsort(share), 3)
         result["by_dice"] = {}
         for c in (int(v) for v in args.clicks.split(",")):
-            dice = np.array([targets[k]["dice"][min(c, len(targets[k]["dice"])) - 1] for k in keys])
+            dice = np.array([_dice_at(targets[k], c) for k in keys])
             rho, p = spearmanr(share, dice)
             rho_thin, p_thin = spearmanr(thin, dice)
             parts = [

@@ -9,8 +9,9 @@ MIX="--procedural 0.4 --synthetic 0.2"   # training/mixed.py: procedural volumes
 test -f data/eval/dataset.json || $M data fetch --out data/eval
 # 1. Teacher with the high-resolution mask-head features, on the endless mixed stream: 4,000 steps from scratch,
 #    3,000 more on new samples (seed 1, a new schedule at half the peak rate;
-#    training_state/hq_teacher_cont_step3000.pt), 2,500 more (seed 3; training_state/hq_teacher_fixed.pt). The shipped teacher's first 7,000 steps ran before
-#    session 15 put the phantoms' labels back on their images; run today, every step trains on the corrected ones.
+#    training_state/hq_teacher_cont_step3000.pt), 2,500 more (seed 3; training_state/hq_teacher_fixed.pt). The
+#    shipped teacher's first 7,000 steps ran before session 15 put the phantoms' labels back on their images; run
+#    today, every step trains on the corrected ones.
 $M train --config memsam_hq_teacher --data data/eval --steps 4000 --log-every 25 --checkpoint-every 100 \
   --keep-every 1000 $MIX --out runs/hq_teacher
 $M train --config memsam_hq_teacher --init runs/hq_teacher/train_last.pt --data data/eval --steps 3000 \
